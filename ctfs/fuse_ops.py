@@ -1,0 +1,360 @@
+"""Thin mfusepy ``Operations`` serving a read-only tree (libfuse3 high-level API).
+
+The tree (see the protocol below) owns everything interesting: what exists, who may open
+it and how bytes are produced. This module only translates FUSE callbacks:
+
+* every error becomes an errno via :class:`mfusepy.FuseOSError`; ``PermissionError`` ->
+  EACCES, ``OSError`` -> its errno, anything unexpected -> EIO (logged on
+  ``ctfs.fuse``); the daemon never dies of a callback;
+* the file system is read-only: every mutating call -> EROFS (the mount is also ``ro``);
+* ``read`` writes straight into libfuse's reply buffer: :class:`CtfsFUSE` overrides
+  mfusepy's ``read`` glue and hands ``Tree.read_into`` a ``memoryview`` over the C buffer
+  (``PyMemoryView_FromMemory``), so no bytes object is allocated per request;
+* ``open`` sets ``fi.keep_cache`` (page cache kept between opens, mmap works) or, in
+  ``direct_io`` mode, ``fi.direct_io`` (MAP_PRIVATE still works; MAP_SHARED needs
+  FUSE_DIRECT_IO_ALLOW_MMAP, which libfuse 3.14 cannot negotiate -> ENODEV).
+
+Tree protocol (implemented by the core)::
+
+    class Node:  kind: "dir" | "file"; size: int; mtime: float; mode: int
+    class Tree(Protocol):
+        def lookup(self, path) -> Node | None
+        def listdir(self, path) -> list[str]
+        def open(self, path, uid, gid, pid) -> int
+        def read_into(self, fh, offset, out: memoryview) -> int
+        def release(self, fh) -> None
+        def statfs(self) -> dict | None          # optional
+
+No state is kept in ``threading.local``: libfuse calls back on its own threads and each
+callback gets a fresh Python thread state.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import logging
+import os
+import stat
+import sys
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("ctfs.fuse")
+
+
+def _load_mfusepy():
+    """Import mfusepy bound to libfuse3 (it would pick libfuse2 first, capped at 128 KiB)."""
+    if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
+        lib = ctypes.util.find_library("fuse3") or "libfuse3.so.3"
+        os.environ["FUSE_LIBRARY_PATH"] = lib
+        try:
+            import mfusepy as m
+        finally:
+            os.environ.pop("FUSE_LIBRARY_PATH", None)
+    else:
+        import mfusepy as m
+    if m.fuse_version_major != 3:
+        raise ImportError(
+            f"ctfs needs libfuse3 but mfusepy loaded libfuse {m.fuse_version_major}."
+            f"{m.fuse_version_minor}; import ctfs.fuse_ops before mfusepy or set "
+            "FUSE_LIBRARY_PATH=libfuse3.so.3"
+        )
+    return m
+
+
+mfusepy = _load_mfusepy()
+FuseOSError = mfusepy.FuseOSError
+FUSE_VERSION = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
+
+_PyBUF_WRITE = 0x200
+_memview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+_memview_from_memory.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_memview_from_memory.restype = ctypes.py_object
+
+_ACCMODE = os.O_ACCMODE
+_WRITE_FLAGS = os.O_TRUNC | os.O_CREAT | getattr(os, "O_APPEND", 0)
+# st_blksize reported for files: Python's open() sizes its buffer from it; 1 MiB matches
+# the largest FUSE read request.
+_BLKSIZE = 1 << 20
+
+
+def _fh_of(fi: Any) -> int:
+    """``fi`` is a fuse_file_info (raw_fi=True) or already the fh integer."""
+    return fi if isinstance(fi, int) else fi.fh
+
+
+def _guard(fn: Callable) -> Callable:
+    """Map every exception of a callback to a FuseOSError (EIO for the unexpected)."""
+
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self, *args):
+        try:
+            return fn(self, *args)
+        except FuseOSError:
+            raise
+        except PermissionError:
+            raise FuseOSError(errno.EACCES) from None
+        except OSError as e:
+            if isinstance(e.errno, int) and e.errno > 0:
+                raise FuseOSError(e.errno) from None
+            log.error("%s%r raised OSError without errno: %r -> EIO", name, args[:1], e)
+            raise FuseOSError(errno.EIO) from None
+        except Exception:  # noqa: BLE001 - the daemon must survive any tree bug
+            log.exception("unexpected error in FUSE %s%r -> EIO", name, args[:1])
+            raise FuseOSError(errno.EIO) from None
+
+    return wrapper
+
+
+def _erofs(self, *args, **kwargs):
+    raise FuseOSError(errno.EROFS)
+
+
+class CtfsOperations(mfusepy.Operations):
+    """Read-only FUSE operations over a ``Tree``.
+
+    Meant for ``FUSE(ops, mountpoint, raw_fi=True, ...)``; :class:`CtfsFUSE` (used by
+    ``ctfs.mountd``) additionally routes ``read`` to :meth:`read_into_address`.
+    """
+
+    use_ns = True  # st_*time given as int nanoseconds
+
+    def __init__(
+        self,
+        tree,
+        *,
+        direct_io: bool = False,
+        keep_cache: bool = True,
+        uid: Optional[int] = None,
+        gid: Optional[int] = None,
+        attr_timeout: float = 60.0,
+        entry_timeout: float = 60.0,
+        negative_timeout: float = 1.0,
+        max_background: int = 64,
+        congestion_threshold: int = 48,
+        on_init: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.tree = tree
+        self.direct_io = bool(direct_io)
+        self.keep_cache = bool(keep_cache)
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.negative_timeout = negative_timeout
+        self.max_background = max_background
+        self.congestion_threshold = congestion_threshold
+        self.on_init = on_init
+        # Observability (racy increments are fine: diagnostics only).
+        self.max_read_request = 0
+        self.read_requests = 0
+        self.conn_info: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def init_with_config(self, conn, config) -> None:
+        # Must not raise: mfusepy re-raises exceptions from init into libfuse.
+        try:
+            if conn is not None:
+                if self.max_background:
+                    conn.max_background = max(int(conn.max_background), self.max_background)
+                if self.congestion_threshold:
+                    conn.congestion_threshold = max(
+                        int(conn.congestion_threshold), self.congestion_threshold
+                    )
+                self.conn_info = {
+                    k: int(getattr(conn, k))
+                    for k in (
+                        "proto_major", "proto_minor", "max_write", "max_read", "max_readahead",
+                        "capable", "want", "max_background", "congestion_threshold",
+                    )
+                    if hasattr(conn, k)
+                }
+                log.debug("FUSE init: %s", self.conn_info)
+            if config is not None:
+                config.attr_timeout = float(self.attr_timeout)
+                config.entry_timeout = float(self.entry_timeout)
+                config.negative_timeout = float(self.negative_timeout)
+                config.use_ino = 0
+        except Exception:  # noqa: BLE001
+            log.exception("FUSE init tuning failed (continuing with defaults)")
+        if self.on_init is not None:
+            try:
+                self.on_init()
+            except Exception:  # noqa: BLE001
+                log.exception("on_init callback failed")
+
+    def destroy(self, path: str) -> None:
+        log.debug("FUSE destroy (max read request %d bytes, %d reads)",
+                  self.max_read_request, self.read_requests)
+
+    # -- metadata --------------------------------------------------------------------
+
+    def _node(self, path: str):
+        node = self.tree.lookup(path)
+        if node is None:
+            raise FuseOSError(errno.ENOENT)
+        return node
+
+    def _attrs(self, node) -> dict[str, Any]:
+        ns = int(float(node.mtime) * 1e9)
+        if node.kind == "dir":
+            mode, nlink, size = stat.S_IFDIR | (node.mode & 0o7777), 2, 0
+        else:
+            mode, nlink, size = stat.S_IFREG | (node.mode & 0o7777), 1, int(node.size)
+        return {
+            "st_mode": mode,
+            "st_nlink": nlink,
+            "st_size": size,
+            "st_blocks": (size + 511) // 512,
+            "st_blksize": _BLKSIZE,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_atime": ns,
+            "st_mtime": ns,
+            "st_ctime": ns,
+        }
+
+    @_guard
+    def getattr(self, path: str, fh=None) -> dict[str, Any]:
+        return self._attrs(self._node(path))
+
+    @_guard
+    def access(self, path: str, amode: int) -> int:
+        self._node(path)
+        if amode & os.W_OK:
+            raise FuseOSError(errno.EROFS)
+        return 0
+
+    @_guard
+    def opendir(self, path: str) -> int:
+        if self._node(path).kind != "dir":
+            raise FuseOSError(errno.ENOTDIR)
+        return 0
+
+    @_guard
+    def readdir(self, path: str, fh) -> list:
+        if self._node(path).kind != "dir":
+            raise FuseOSError(errno.ENOTDIR)
+        out: list = [".", ".."]
+        base = path.rstrip("/")
+        for name in self.tree.listdir(path):
+            child = self.tree.lookup(f"{base}/{name}")
+            if child is None:
+                continue
+            out.append((name, {"st_mode": stat.S_IFDIR if child.kind == "dir" else stat.S_IFREG}, 0))
+        return out
+
+    @_guard
+    def releasedir(self, path: str, fh) -> int:
+        return 0
+
+    @_guard
+    def statfs(self, path: str) -> dict[str, int]:
+        res = None
+        fn = getattr(self.tree, "statfs", None)
+        if fn is not None:
+            res = fn()
+        out = {"f_bsize": _BLKSIZE, "f_frsize": 4096, "f_namemax": 255}
+        if res:
+            out.update(res)
+        return out
+
+    # -- files -----------------------------------------------------------------------
+
+    @_guard
+    def open(self, path: str, fi) -> int:
+        raw = not isinstance(fi, int)
+        flags = fi.flags if raw else fi
+        if (flags & _ACCMODE) != os.O_RDONLY or flags & _WRITE_FLAGS:
+            raise FuseOSError(errno.EROFS)
+        node = self._node(path)
+        if node.kind == "dir":
+            raise FuseOSError(errno.EISDIR)
+        uid, gid, pid = mfusepy.fuse_get_context()
+        fh = int(self.tree.open(path, uid, gid, pid))
+        if not raw:
+            return fh
+        fi.fh = fh
+        fi.direct_io = 1 if self.direct_io else 0
+        fi.keep_cache = 1 if (self.keep_cache and not self.direct_io) else 0
+        return 0
+
+    def read_into_address(self, address: int, size: int, offset: int, fh: int) -> int:
+        """Fill the C buffer at ``address`` (``size`` bytes) from the tree; return count."""
+        if size <= 0:
+            return 0
+        self.read_requests += 1
+        if size > self.max_read_request:
+            self.max_read_request = size
+            log.debug("largest FUSE read request so far: %d bytes", size)
+        mv = _memview_from_memory(address, size, _PyBUF_WRITE)
+        try:
+            n = self._read_into(fh, offset, mv)
+        finally:
+            try:
+                mv.release()
+            except BufferError:  # tree kept an export of the C buffer: a tree bug
+                log.error("Tree.read_into kept a reference to the FUSE buffer")
+        return n
+
+    @_guard
+    def _read_into(self, fh: int, offset: int, mv: memoryview) -> int:
+        n = self.tree.read_into(fh, offset, mv)
+        if n is None or not 0 <= n <= len(mv):
+            log.error("Tree.read_into returned %r for a %d byte buffer -> EIO", n, len(mv))
+            raise FuseOSError(errno.EIO)
+        return n
+
+    def read(self, path: str, size: int, offset: int, fh) -> bytes:
+        """Fallback for plain ``mfusepy.FUSE`` (allocates); CtfsFUSE never calls it."""
+        buf = bytearray(size)
+        n = self._read_into(_fh_of(fh), offset, memoryview(buf))
+        return bytes(buf[:n])
+
+    @_guard
+    def release(self, path: str, fh) -> int:
+        self.tree.release(_fh_of(fh))
+        return 0
+
+    @_guard
+    def flush(self, path: str, fh) -> int:
+        return 0
+
+    # -- read-only: everything that mutates -> EROFS ------------------------------------
+
+    write = _erofs
+    create = _erofs
+    truncate = _erofs
+    mkdir = _erofs
+    mknod = _erofs
+    rmdir = _erofs
+    unlink = _erofs
+    symlink = _erofs
+    link = _erofs
+    rename = _erofs
+    chmod = _erofs
+    chown = _erofs
+    utimens = _erofs
+    setxattr = _erofs
+    removexattr = _erofs
+    fallocate = _erofs
+
+
+class CtfsFUSE(mfusepy.FUSE):
+    """mfusepy.FUSE whose ``read`` glue passes the libfuse reply buffer to the tree.
+
+    mfusepy's stock ``read`` calls ``Operations.read`` and memmoves the returned bytes;
+    libfuse (high-level API) has already malloc'ed the reply buffer it hands us, so we
+    fill it in place instead. Requires ``raw_fi=True`` or not: both are handled.
+    """
+
+    def read(self, path, buf, size, offset, fip) -> int:  # noqa: D401 - libfuse glue
+        fi = fip.contents
+        fh = fi.fh
+        return self.operations.read_into_address(
+            ctypes.cast(buf, ctypes.c_void_p).value, size, offset, fh
+        )

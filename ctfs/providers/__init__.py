@@ -1,0 +1,104 @@
+"""Key providers: where a mount gets the JWK set that unlocks its files.
+
+A provider is a small object with a ``name``, ``load() -> KeySet`` and optionally
+``check() -> None`` (re-check authorisation; raise :class:`ProviderDenied` on a definite
+"no", :class:`ProviderUnavailable` when it cannot tell) and ``close()``. Providers are
+found through the Python entry-point group ``ctfs.key_providers`` (a site can add its own);
+the built-in ones are registered there by ctfs's own package metadata and are also
+available without installation metadata.
+"""
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from typing import Any, Protocol
+
+from ..errors import CtfsError, KeyFileError
+from ..keys import KeySet
+
+ENTRY_POINT_GROUP = "ctfs.key_providers"
+
+
+class ProviderError(CtfsError):
+    """The provider could not deliver keys."""
+
+
+class ProviderDenied(ProviderError):
+    """The key service said no (revoked, forbidden): lock."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The key service could not be reached: keep serving, retry later."""
+
+
+class KeyProvider(Protocol):
+    name: str
+
+    def load(self) -> KeySet: ...
+
+
+class FileProvider:
+    """``--key-file PATH``: a JWK set file, refused when group/other may read it."""
+
+    name = "file"
+
+    def __init__(self, key_file: str | None = None, insecure_perms: bool = False, **_: Any):
+        if not key_file:
+            raise ProviderError("the file key provider needs --key-file PATH")
+        self.key_file = key_file
+        self.insecure_perms = insecure_perms
+
+    def load(self) -> KeySet:
+        return KeySet.load(self.key_file, insecure_perms=self.insecure_perms)
+
+
+class EnvProvider:
+    """The JWK set in ``CRYPTOTENSOR_KEYS`` (the reference's variable, same JSON).
+
+    The variable is removed from the process environment once read, so child processes
+    never inherit it.
+    """
+
+    name = "env"
+    variable = "CRYPTOTENSOR_KEYS"
+
+    def __init__(self, **_: Any):
+        self._value = os.environ.pop(self.variable, None)
+
+    def load(self) -> KeySet:
+        if not self._value:
+            raise KeyFileError(f"{self.variable} is not set")
+        return KeySet.from_json(self._value, source=f"${self.variable}")
+
+
+BUILTIN: dict[str, str] = {
+    "file": "ctfs.providers:FileProvider",
+    "env": "ctfs.providers:EnvProvider",
+    "vault": "ctfs.providers.vault:VaultProvider",
+    "systemd-creds": "ctfs.providers.systemd_creds:SystemdCredsProvider",
+}
+
+
+def available() -> dict[str, str]:
+    """Provider name -> "module:attr", entry points first, then the built-ins."""
+    found = dict(BUILTIN)
+    try:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            found[ep.name] = ep.value
+    except Exception:  # broken metadata of some other package must not break mounting
+        pass
+    return found
+
+
+def get_provider(name: str, **options: Any):
+    """Instantiate provider ``name`` with the given options."""
+    target = available().get(name)
+    if target is None:
+        raise ProviderError(f"unknown key provider {name!r} (available: {', '.join(sorted(available()))})")
+    module, _, attr = target.partition(":")
+    import importlib
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ProviderError(f"key provider {name!r} cannot be loaded: {e}") from None
+    return cls(**options)

@@ -1,0 +1,223 @@
+"""What a mount serves: SRC's tree with every CryptoTensors file shown as plain safetensors.
+
+Everything is decided when the tree is built (at mount time): each encrypted file is opened
+with :class:`~ctfs.reader.CryptoFile`, which verifies its signature, evaluates its policy
+and unwraps its data keys, so a read can only fail if the bytes on disk change afterwards.
+This module has no FUSE dependency; :mod:`ctfs.fuse_ops` calls it.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from .cryptometa import ENCRYPTION
+from .errors import CtfsError, IntegrityError
+from .header import read_header
+from .keys import KeySet
+from .reader import CryptoFile
+from .view import PlainView
+
+log = logging.getLogger("ctfs.tree")
+TENSOR_SUFFIXES = (".safetensors", ".cryptotensors")
+
+
+class MountRefused(CtfsError):
+    """The source cannot be served; the message names the file and the reason."""
+
+
+@dataclass
+class Node:
+    kind: str          # "dir" | "file"
+    size: int = 0
+    mtime: float = 0.0
+    mode: int = 0o555
+    real: str | None = None        # passthrough files: the path in SRC
+    view: PlainView | None = None  # CryptoTensors files
+
+
+def view_name(name: str) -> str:
+    return name[: -len(".cryptotensors")] + ".safetensors" if name.endswith(".cryptotensors") else name
+
+
+class MountTree:
+    """The read-only tree of one mount.
+
+    ``access(uid, gid) -> bool`` decides who may open files (None: everybody the kernel
+    lets through). ``policy_input(file_name) -> dict`` gives the policy's input document.
+    """
+
+    def __init__(self, src: str, keys: KeySet, cache, *, allow_plain: bool = False,
+                 allow_unverified_plain: bool = False,
+                 access: Callable[[int, int], bool] | None = None,
+                 policy_input: Callable[[str], dict] | None = None,
+                 progress: Callable[[str], None] | None = None):
+        self.src = os.path.abspath(src)
+        self.cache = cache
+        self.access = access
+        self._opts = dict(allow_plain=allow_plain, allow_unverified_plain=allow_unverified_plain)
+        self._policy_input = policy_input
+        self._progress = progress
+        self._nodes: dict[str, Node] = {}
+        self._children: dict[str, list[str]] = {}
+        self._handles: dict[int, tuple] = {}
+        self._next_fh = itertools.count(1)
+        self._lock = threading.Lock()
+        self.locked = False
+        self.integrity_failures = 0
+        if not os.path.isdir(self.src):
+            raise MountRefused(f"{src}: not a directory")
+        self._build(keys)
+
+    # --- building ------------------------------------------------------------------
+    def _build(self, keys: KeySet) -> None:
+        nodes: dict[str, Node] = {"/": Node("dir", mtime=os.stat(self.src).st_mtime)}
+        children: dict[str, list[str]] = {"/": []}
+        opened: list[CryptoFile] = []
+        try:
+            for dirpath, dirnames, filenames in os.walk(self.src):
+                dirnames.sort()
+                rel = os.path.relpath(dirpath, self.src)
+                vdir = "/" if rel == "." else "/" + rel.replace(os.sep, "/")
+                for d in dirnames:
+                    p = os.path.join(dirpath, d)
+                    vp = _join(vdir, d)
+                    nodes[vp] = Node("dir", mtime=os.stat(p).st_mtime)
+                    children[vp] = []
+                    children[vdir].append(d)
+                for f in sorted(filenames):
+                    p = os.path.join(dirpath, f)
+                    node = self._file_node(p, keys, opened)
+                    if node is None:
+                        continue
+                    name = view_name(f)
+                    vp = _join(vdir, name)
+                    if vp in nodes:
+                        raise MountRefused(f"{p}: its view name {vp} collides with another file")
+                    nodes[vp] = node
+                    children[vdir].append(name)
+        except BaseException:
+            for cf in opened:
+                cf.close()
+            raise
+        self._nodes, self._children = nodes, children
+        self.files = opened
+
+    def _file_node(self, path: str, keys: KeySet, opened: list) -> Node | None:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise MountRefused(f"{path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            return None  # sockets, fifos, dangling links: not served
+        if not path.endswith(TENSOR_SUFFIXES):
+            return Node("file", st.st_size, st.st_mtime, 0o444, real=path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                hdr = read_header(fd)
+            finally:
+                os.close(fd)
+            if ENCRYPTION not in (hdr.metadata or {}):
+                if not self._opts["allow_plain"]:
+                    raise MountRefused(
+                        f"{path}: a plain (unencrypted) safetensors file in an encrypted model "
+                        f"directory; refusing to serve it (pass --allow-plain to serve it as is)")
+                return Node("file", st.st_size, st.st_mtime, 0o444, real=path)
+            if self._progress:
+                self._progress(path)
+            policy_input = self._policy_input(path) if self._policy_input else None
+            cf = CryptoFile(path, keys, allow_unverified_plain=self._opts["allow_unverified_plain"],
+                            policy_input=policy_input)
+        except MountRefused:
+            raise
+        except CtfsError as e:
+            raise MountRefused(f"{path}: {e}") from None
+        except OSError as e:
+            raise MountRefused(f"{path}: {e.strerror or e}") from None
+        opened.append(cf)
+        view = PlainView(cf)
+        return Node("file", view.size, st.st_mtime, 0o444, view=view)
+
+    # --- Tree protocol (called by the FUSE layer) ----------------------------------
+    def lookup(self, path: str) -> Node | None:
+        return self._nodes.get(path)
+
+    def listdir(self, path: str) -> list[str]:
+        if path not in self._children:
+            raise OSError(errno.ENOTDIR if path in self._nodes else errno.ENOENT, path)
+        return list(self._children[path])
+
+    def open(self, path: str, uid: int, gid: int, pid: int) -> int:
+        node = self._nodes.get(path)
+        if node is None:
+            raise OSError(errno.ENOENT, path)
+        if node.kind != "file":
+            raise OSError(errno.EISDIR, path)
+        if self.locked:
+            log.warning("open refused (mount locked): %s by uid=%d pid=%d", path, uid, pid)
+            raise PermissionError(errno.EACCES, "mount is locked")
+        if self.access is not None and not self.access(uid, gid):
+            log.warning("open refused: %s by uid=%d gid=%d pid=%d not allowed", path, uid, gid, pid)
+            raise PermissionError(errno.EACCES, "not allowed")
+        fh = next(self._next_fh)
+        if node.view is not None:
+            self._handles[fh] = ("view", node.view, path)
+        else:
+            self._handles[fh] = ("real", os.open(node.real, os.O_RDONLY | os.O_CLOEXEC), path)
+        return fh
+
+    def read_into(self, fh: int, offset: int, out: memoryview) -> int:
+        try:
+            kind, obj, path = self._handles[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, "bad file handle") from None
+        if self.locked:
+            raise PermissionError(errno.EACCES, "mount is locked")
+        if kind == "real":
+            return os.preadv(obj, [out], offset)
+        try:
+            return obj.read_into(offset, out, self.cache, id(obj))
+        except IntegrityError as e:
+            self.integrity_failures += 1
+            log.error("integrity failure, returning EIO: file=%s tensor=%s chunk=%s: %s",
+                      e.path, e.tensor, e.chunk, e)
+            raise OSError(errno.EIO, "integrity failure") from None
+
+    def release(self, fh: int) -> None:
+        entry = self._handles.pop(fh, None)
+        if entry and entry[0] == "real":
+            os.close(entry[1])
+
+    def statfs(self) -> dict | None:
+        return None
+
+    def open_handles(self) -> int:
+        return len(self._handles)
+
+    # --- lifecycle -----------------------------------------------------------------
+    def lock(self) -> None:
+        """Refuse further opens/reads and drop every key and cached plaintext."""
+        self.locked = True
+        self.cache.wipe()
+        for cf in self.files:
+            cf.close()
+
+    def close(self) -> None:
+        self.locked = True
+        for kind, obj, _ in list(self._handles.values()):
+            if kind == "real":
+                os.close(obj)
+        self._handles.clear()
+        self.cache.wipe()
+        for cf in self.files:
+            cf.close()
+
+
+def _join(d: str, name: str) -> str:
+    return "/" + name if d == "/" else f"{d}/{name}"
