@@ -1,0 +1,91 @@
+"""The safe_open-shaped in-process API: lazy, sliceable, never aliasing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ctfs import api, errors
+from ctfs.keys import KeySet
+from ctfs.writer import EncryptOptions, encrypt_file
+
+
+@pytest.fixture(scope="module")
+def enc(tmp_path_factory):
+    d = tmp_path_factory.mktemp("api")
+    g = torch.Generator().manual_seed(1)
+    ts = {"w": torch.randn(300, 17, generator=g), "h": torch.randn(64, 8, generator=g).half(),
+          "b": torch.randn(5, generator=g).to(torch.bfloat16), "i": torch.arange(12).reshape(3, 4)}
+    save_file(ts, str(d / "p.safetensors"), metadata={"format": "pt"})
+    keys = KeySet.generate()
+    for v in (1, 2):
+        encrypt_file(str(d / "p.safetensors"), str(d / f"e{v}.safetensors"), keys,
+                     EncryptOptions(version=v, chunk_size=1000, exclude=["i"]))
+    return d, keys, ts
+
+
+@pytest.mark.parametrize("v", [1, 2])
+def test_get_tensor_and_metadata(enc, v):
+    d, keys, ts = enc
+    with api.safe_open(d / f"e{v}.safetensors", "pt", keys=keys) as f:
+        assert f.keys() == sorted(ts)
+        assert f.metadata() == {"format": "pt"}
+        for k, t in ts.items():
+            assert torch.equal(f.get_tensor(k), t)
+    with api.safe_open(d / f"e{v}.safetensors", "np", keys=keys) as f:
+        np.testing.assert_array_equal(f.get_tensor("w"), ts["w"].numpy())
+        with pytest.raises(api.UnsupportedDtypeError):
+            f.get_tensor("b")
+
+
+@pytest.mark.parametrize("index", [
+    slice(10, 20), slice(None), 7, -1, (slice(3, 250, 7), slice(2, 5)), (5, 3), slice(290, 400),
+    slice(None, None, -1), (Ellipsis, 2),
+])
+@pytest.mark.parametrize("fw", ["pt", "np"])
+def test_get_slice_equals_indexing(enc, index, fw):
+    d, keys, ts = enc
+    with api.safe_open(d / "e2.safetensors", fw, keys=keys) as f:
+        sl = f.get_slice("w")
+        assert sl.get_shape() == [300, 17] and sl.get_dtype() == "F32"
+        ref = ts["w"].numpy()
+        if fw == "pt" and isinstance(index, slice) and (index.step or 1) < 0:
+            with pytest.raises(ValueError):  # torch itself has no negative steps
+                ts["w"][index]
+            return
+        got = sl[index]
+        got = got.numpy() if fw == "pt" else got
+        np.testing.assert_array_equal(got, ref[index])
+
+
+def test_tensors_do_not_alias(enc):
+    d, keys, ts = enc
+    with api.safe_open(d / "e2.safetensors", "pt", keys=keys) as f:
+        a = f.get_tensor("w")
+        a.zero_()
+        assert torch.equal(f.get_tensor("w"), ts["w"])
+        s = f.get_slice("w")[0:2]
+        s.fill_(7)
+        assert torch.equal(f.get_slice("w")[0:2], ts["w"][0:2])
+
+
+def test_load_file_and_key_file(enc, tmp_path):
+    d, keys, ts = enc
+    kf = tmp_path / "k.jwk"
+    import json
+    kf.write_text(json.dumps(keys.to_jwks()))
+    kf.chmod(0o600)
+    out = api.load_file(d / "e1.safetensors", key_file=kf)
+    assert set(out) == set(ts) and all(torch.equal(out[k], ts[k]) for k in ts)
+    kf.chmod(0o644)
+    with pytest.raises(errors.KeyFileError, match="group/others"):
+        api.load_file(d / "e1.safetensors", key_file=kf)
+
+
+def test_plain_file_needs_opt_in(enc):
+    d, keys, ts = enc
+    with pytest.raises(errors.NotEncryptedError):
+        api.safe_open(d / "p.safetensors", keys=keys)
+    with api.safe_open(d / "p.safetensors", "pt", require_encrypted=False) as f:
+        assert torch.equal(f.get_tensor("w"), ts["w"])
