@@ -111,12 +111,13 @@ def _round_page(n: int) -> int:
 class _Buffer:
     """An anonymous private mmap used to hold plaintext."""
 
-    __slots__ = ("mm", "mv", "cap", "addr", "pooled", "locked", "lock_error", "closed")
+    __slots__ = ("mm", "mv", "cap", "addr", "pooled", "locked", "lock_error", "closed", "used")
 
     def __init__(self, cap: int, pooled: bool, want_lock: bool) -> None:
         self.cap = cap
         self.pooled = pooled
         self.closed = False
+        self.used = 0  # high-water mark of bytes that may hold plaintext
         self.mm = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
             self.mm.madvise(mmap.MADV_DONTDUMP)  # keep plaintext out of core dumps
@@ -131,12 +132,13 @@ class _Buffer:
         if want_lock:
             self.locked, self.lock_error = _mlock(self.addr, cap)
 
-    def zero(self, n: int | None = None) -> None:
+    def zero(self, start: int = 0) -> None:
+        """Zero [start, used) -- everything that may hold plaintext past ``start``."""
         if self.closed:
             return
-        n = self.cap if n is None else min(n, self.cap)
-        if n > 0:
-            ctypes.memset(self.addr, 0, n)  # releases the GIL
+        if self.used > start:
+            ctypes.memset(self.addr + start, 0, self.used - start)  # releases the GIL
+            self.used = start
 
     def close(self) -> None:
         if self.closed:
@@ -212,6 +214,12 @@ class ChunkCache:
     ``capacity_bytes // chunk_size`` pooled buffers of that size now (they are
     used by sources whose ``max_segment_size`` equals ``chunk_size``); otherwise
     pooled buffers are created on first need and reused afterwards.
+    ``zero_reused``: zero an evicted buffer completely before it is reused
+    (default).  False zeroes only the stale tail the new segment does not
+    overwrite (faster; the old plaintext is then overwritten by the new
+    decryption, and a failed decryption zeroes the whole buffer).
+    Buffers are always zeroed on ``wipe``, on failure, and before they are
+    pooled or unmapped.
     """
 
     #: a read starting within ``min(near, max_segment_size // 8)`` bytes of the
@@ -230,6 +238,7 @@ class ChunkCache:
         *,
         mlock: bool = True,
         chunk_size: int | None = None,
+        zero_reused: bool = True,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be positive")
@@ -237,6 +246,7 @@ class ChunkCache:
         self._ra_depth = max(0, int(readahead))
         self._n_workers = max(0, int(workers))
         self._want_mlock = bool(mlock)
+        self._zero_reused = bool(zero_reused)
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # memory / wipe waiters
@@ -631,8 +641,14 @@ class ChunkCache:
                         self._held -= cap
                     raise
             elif needs_zero:
-                buf.zero()
+                # Evicted buffer handed to a new segment: scrub the old plaintext.
+                # With zero_reused=False only the part the new segment does not
+                # overwrite is zeroed (the decryption overwrites the rest, and a
+                # failed decryption zeroes the whole buffer).
+                buf.zero(0 if self._zero_reused else ch.size)
             ch.buf = buf
+            if buf.used < ch.size:
+                buf.used = ch.size
             t0 = time.perf_counter()
             try:
                 n = source.read_segment(ch.index, buf.mv[: ch.size])

@@ -213,6 +213,96 @@ def verify(path, key_file, insecure_perms, allow_unverified_plain):
     click.echo(f"ok: {len(files)} file(s) verified", err=True)
 
 
+# --- mount / umount ------------------------------------------------------------------
+def _ids(values, kind: str) -> list[int]:
+    import grp
+    import pwd
+    out = []
+    for v in values:
+        for item in str(v).split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item.isdigit():
+                out.append(int(item))
+                continue
+            try:
+                out.append(pwd.getpwnam(item).pw_uid if kind == "uid" else grp.getgrnam(item).gr_gid)
+            except KeyError:
+                raise click.BadParameter(f"no such {'user' if kind == 'uid' else 'group'}: {item}") from None
+    return out
+
+
+def setup_logging(level: str) -> None:
+    """One line per event; no timestamp under systemd (journald adds its own)."""
+    under_journal = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, force=True)
+
+
+@cli.command()
+@click.argument("src", type=click.Path())
+@click.argument("mountpoint", type=click.Path())
+@click.option("--key-provider", default="file", show_default=True,
+              help="file, env, vault, systemd-creds, or a site provider (entry point ctfs.key_providers).")
+@click.option("--key-file", type=click.Path(), help="JWK set (file provider).")
+@click.option("--insecure-perms", is_flag=True, help="Accept a key file readable by group/others.")
+@click.option("--cache-size", type=Size(), default="1GiB", show_default=True,
+              help="Bound of the decrypted-chunk cache.")
+@click.option("--readahead", type=int, default=3, show_default=True, help="Chunks decrypted ahead of sequential reads.")
+@click.option("--direct-io", is_flag=True, help="Keep plaintext out of the kernel page cache.")
+@click.option("--allow-plain", is_flag=True, help="Serve plain safetensors files found in SRC.")
+@click.option("--allow-unverified-plain", is_flag=True,
+              help="Serve unencrypted tensors that no signed digest covers (reference-written files).")
+@click.option("--allow-uid", multiple=True, help="Users (names or uids) who may read the mount.")
+@click.option("--allow-gid", multiple=True, help="Groups (names or gids) whose members may read the mount.")
+@click.option("--timeout", type=Duration(), default="30s", show_default=True,
+              help="How long to retry an unreachable key service.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (systemd).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, readahead, direct_io,
+          allow_plain, allow_unverified_plain, allow_uid, allow_gid, timeout, foreground, log_level):
+    """Mount the CryptoTensors directory SRC at MOUNTPOINT as plain safetensors files.
+
+    Returns once the mount is authorised and serving (or fails with the reason)."""
+    from . import mountd
+    from .mount import MountConfig, run
+    if not os.path.isdir(src):
+        raise CtfsError(f"{src}: not a directory")
+    cfg = MountConfig(src=os.path.abspath(src), mountpoint=os.path.abspath(mountpoint),
+                      provider=key_provider,
+                      provider_options={"key_file": key_file, "insecure_perms": insecure_perms},
+                      cache_size=cache_size, readahead=readahead, direct_io=direct_io,
+                      allow_plain=allow_plain, allow_unverified_plain=allow_unverified_plain,
+                      allow_uids=_ids(allow_uid, "uid"), allow_gids=_ids(allow_gid, "gid"),
+                      timeout=timeout, foreground=foreground)
+    setup_logging(log_level)
+
+    def daemon() -> int:
+        try:
+            return run(cfg)
+        except CtfsError as e:
+            mountd.report_error(str(e))
+            return 1
+
+    rc = daemon() if foreground else mountd.spawn_background(daemon, cfg.mountpoint, timeout=timeout + 60)
+    if rc:
+        raise click.exceptions.Exit(rc)
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path())
+def umount(mountpoint):
+    """Unmount MOUNTPOINT (also clears the mount of a daemon that died)."""
+    from . import mountd
+    try:
+        mountd.unmount(mountpoint)
+    except mountd.MountError as e:
+        raise CtfsError(str(e)) from None
+
+
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

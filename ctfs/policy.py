@@ -33,6 +33,9 @@ Differences from the reference, on purpose:
   body"`` (deny).  Built-in errors (``1/0``, ``to_number("x")``) are made strict, as in
   regorus, so they deny with ``"Policy evaluation failed: ..."`` instead of silently
   turning a rule undefined (or, in rego-cpp's lenient mode, even ``false``).
+* rego-cpp also accepts a module with no ``package`` line; the reference does not, so
+  that is refused too (``"Failed to add policy: policy.rego:1:1: error: expecting
+  `package`"``).
 * Exact wording of parse and evaluation messages after the prefix comes from rego-cpp,
   not regorus; only the prefixes are the reference's.
 * rego-cpp integers are 64-bit and wrap on overflow (``time.now_ns() - 1e19`` is
@@ -277,6 +280,13 @@ def _line_col(source: str, offset: int) -> tuple[int, int]:
     return line, col
 
 
+def _first_token(source: str) -> tuple[str, tuple[int, int]] | None:
+    for m in _TOKEN_RE.finditer(source):
+        if m.lastgroup not in ("ws", "comment"):
+            return m.group(), _line_col(source, m.start())
+    return None
+
+
 def _find_v0_body(source: str) -> tuple[int, int] | None:
     """(line, col) of the first top-level rule body not introduced by ``if``, if any."""
     depth = 0
@@ -475,6 +485,10 @@ def _precheck(source: Any) -> str | None:
         source.encode("utf-8")
     except UnicodeEncodeError:
         return f"{ADD_FAILED}: policy is not valid UTF-8"
+    first = _first_token(source)
+    if first is None or first[0] != "package":
+        line, col = (1, 1) if first is None else first[1]
+        return f"{ADD_FAILED}: {_MODULE_NAME}:{line}:{col}: error: expecting `package`"
     where = _find_v0_body(source)
     if where is not None:
         line, col = where
@@ -536,6 +550,7 @@ class _EngineWorker:
             [sys.executable, "-c", boot],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True, env=env,
+            cwd="/",  # never inside a mount this process may itself be serving
         )
         self._buf = b""
         self.starts += 1

@@ -1,0 +1,137 @@
+"""One mount, end to end: keys from a provider, authorisation of every file, the cache,
+the FUSE loop. The CLI and the systemd unit call :func:`run`; nothing here parses argv."""
+from __future__ import annotations
+
+import ctypes
+import grp
+import logging
+import os
+import pwd
+import time
+from dataclasses import dataclass, field
+
+from .errors import CtfsError
+
+log = logging.getLogger("ctfs.mount")
+DEFAULT_CACHE = 1 << 30
+
+
+@dataclass
+class MountConfig:
+    src: str
+    mountpoint: str
+    provider: str = "file"
+    provider_options: dict = field(default_factory=dict)
+    cache_size: int = DEFAULT_CACHE
+    readahead: int = 3
+    direct_io: bool = False
+    allow_plain: bool = False
+    allow_unverified_plain: bool = False
+    allow_uids: list[int] = field(default_factory=list)
+    allow_gids: list[int] = field(default_factory=list)
+    timeout: float = 30.0          # how long to retry an unreachable key service at mount
+    recheck: float | None = None   # seconds between provider re-checks (vault)
+    foreground: bool = False
+
+
+def make_nondumpable() -> None:
+    """No core dumps or ptrace by other users: plaintext and keys stay in this process."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_DUMPABLE = 4
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            log.warning("could not make the daemon non-dumpable (errno %d)", ctypes.get_errno())
+    except OSError:
+        log.warning("could not make the daemon non-dumpable (no libc)")
+
+
+def access_checker(uids: list[int], gids: list[int]):
+    """None: only the mounting user can reach the mount (FUSE default, no allow_other).
+    Otherwise a callable admitting the mounting user, root, and the listed uids/gids."""
+    if not uids and not gids:
+        return None
+    allowed_uids = set(uids) | {os.getuid(), 0}
+    allowed_gids = set(gids)
+
+    def check(uid: int, gid: int) -> bool:
+        if uid in allowed_uids or gid in allowed_gids:
+            return True
+        if allowed_gids:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+                return any(name in grp.getgrgid(g).gr_mem for g in allowed_gids)
+            except KeyError:
+                return False
+        return False
+    return check
+
+
+def policy_input_for(cfg: MountConfig):
+    from .policy import build_input
+
+    def make(path: str) -> dict:
+        return build_input(file_name=os.path.relpath(path, cfg.src), mount_path=os.path.abspath(cfg.mountpoint),
+                           provider=cfg.provider)
+    return make
+
+
+def load_keys(provider, timeout: float):
+    """provider.load(), retried with backoff while the key service is unreachable."""
+    from .providers import ProviderUnavailable
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    while True:
+        try:
+            return provider.load()
+        except ProviderUnavailable as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CtfsError(f"key provider {provider.name!r} unreachable for {timeout:g}s: {e}") from None
+            log.warning("key provider %s unreachable (%s); retrying in %.1fs", provider.name, e, min(delay, left))
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10)
+
+
+class Mount:
+    """The daemon-side state of one mount (tree, cache, provider), lockable."""
+
+    def __init__(self, cfg: MountConfig):
+        from .cache import ChunkCache
+        from .providers import get_provider
+        from .tree import MountTree
+        self.cfg = cfg
+        self.provider = get_provider(cfg.provider, **cfg.provider_options)
+        self.cache = ChunkCache(cfg.cache_size, readahead=cfg.readahead)
+        keys = load_keys(self.provider, cfg.timeout)
+        try:
+            self.tree = MountTree(cfg.src, keys, self.cache, allow_plain=cfg.allow_plain,
+                                  allow_unverified_plain=cfg.allow_unverified_plain,
+                                  access=access_checker(cfg.allow_uids, cfg.allow_gids),
+                                  policy_input=policy_input_for(cfg))
+            self.key_ids = sorted({(cf.crypto.enc.kid, cf.crypto.sign.kid) for cf in self.tree.files
+                                   if cf.crypto}, key=str)
+        finally:
+            keys.wipe()  # data keys are unwrapped; the master key is not kept
+        self.started = time.time()
+        log.info("authorised %d encrypted file(s) under %s", len(self.tree.files), cfg.src)
+
+    def close(self) -> None:
+        self.tree.close()
+        self.cache.close()
+        close = getattr(self.provider, "close", None)
+        if close:
+            close()
+
+
+def run(cfg: MountConfig, on_ready=None) -> int:
+    """Authorise and serve ``cfg`` in the foreground of this process until unmounted."""
+    from . import mountd
+    make_nondumpable()
+    m = Mount(cfg)
+    try:
+        return mountd.serve(m.tree, cfg.mountpoint, foreground=True, direct_io=cfg.direct_io,
+                            allow_other=bool(cfg.allow_uids or cfg.allow_gids),
+                            fsname=f"ctfs:{os.path.abspath(cfg.src)}", on_ready=on_ready)
+    finally:
+        m.close()
+

@@ -1,0 +1,619 @@
+"""Tests for ctfs.cache.ChunkCache (plaintext chunk cache of the FUSE read path)."""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings, HealthCheck
+from hypothesis import strategies as st
+
+from ctfs import cache as cache_mod
+from ctfs.cache import ChunkCache
+from ctfs.errors import IntegrityError
+
+PAGE = cache_mod._PAGE
+
+
+class FakeSource:
+    """SegmentSource over a plaintext bytes object.
+
+    ``seg`` is the regular segment size (= max_segment_size); ``starts`` may be
+    given explicitly to create irregular (e.g. larger-than-max) segments.
+    """
+
+    def __init__(self, data: bytes, seg: int, *, starts=None, delay: float = 0.0,
+                 corrupt=(), max_segment_size=None):
+        self.data = data
+        self.data_len = len(data)
+        self.max_segment_size = max_segment_size or seg
+        self.segment_starts = list(starts) if starts is not None else list(range(0, len(data), seg))
+        self.delay = delay
+        self.corrupt = set(corrupt)
+        self.calls: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def segment_end(self, i: int) -> int:
+        return self.segment_starts[i + 1] if i + 1 < len(self.segment_starts) else self.data_len
+
+    def read_segment(self, i: int, out: memoryview) -> int:
+        with self._lock:
+            self.calls[i] = self.calls.get(i, 0) + 1
+        s, e = self.segment_starts[i], self.segment_end(i)
+        assert len(out) >= e - s
+        if self.delay:
+            time.sleep(self.delay)
+        if i in self.corrupt:
+            out[: e - s] = b"\xee" * (e - s)  # partial garbage, must never be served
+            raise IntegrityError("bad tag", chunk=i)
+        out[: e - s] = self.data[s:e]
+        return e - s
+
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+
+def rand_bytes(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def read(cache, src, key, off, n):
+    buf = bytearray(n)
+    got = cache.read_into(src, key, off, memoryview(buf))
+    return bytes(buf[:got])
+
+
+def live_buffers(cache):
+    with cache._lock:
+        return list(cache._buffers)
+
+
+def check_bound(cache):
+    s = cache.stats()
+    assert s["bytes_held"] <= s["capacity"]
+    assert s["peak_bytes_held"] <= s["capacity"]
+    assert s["bytes_cached"] <= s["bytes_held"]
+    # (a readahead worker may have reserved bytes it has not mapped yet)
+    assert sum(b.cap for b in live_buffers(cache)) <= s["bytes_held"]
+
+
+@pytest.fixture
+def data():
+    return rand_bytes(10 * PAGE + 123, seed=1)
+
+
+# --------------------------------------------------------------------- basic
+
+
+SEG = PAGE  # one page per segment keeps buffers small
+DATA = rand_bytes(20 * SEG + 777, seed=42)
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(off=st.integers(0, len(DATA) + 10), n=st.integers(0, 5 * SEG))
+def test_random_ranges_exact(off, n):
+    src = FakeSource(DATA, SEG)
+    with ChunkCache(6 * SEG, readahead=0) as c:
+        assert read(c, src, "f", off, n) == DATA[off:off + n]
+        # second time from cache, same answer
+        assert read(c, src, "f", off, n) == DATA[off:off + n]
+        check_bound(c)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(ops=st.lists(st.tuples(st.integers(0, len(DATA)), st.integers(1, 3 * SEG)), min_size=1, max_size=40),
+       cap_chunks=st.integers(1, 5), ra=st.integers(0, 3))
+def test_random_sequence_exact_and_bounded(ops, cap_chunks, ra):
+    src = FakeSource(DATA, SEG)
+    with ChunkCache(cap_chunks * SEG, readahead=ra) as c:
+        for off, n in ops:
+            assert read(c, src, "f", off, n) == DATA[off:off + n]
+            check_bound(c)
+
+
+def test_spanning_and_end_of_data(data):
+    src = FakeSource(data, PAGE)
+    c = ChunkCache(20 * PAGE, readahead=0)
+    # spans 4 segments
+    assert read(c, src, "k", PAGE // 2, 3 * PAGE + 10) == data[PAGE // 2: PAGE // 2 + 3 * PAGE + 10]
+    assert sorted(src.calls) == [0, 1, 2, 3]
+    # clipped at end of data
+    assert read(c, src, "k", len(data) - 50, 1000) == data[-50:]
+    assert read(c, src, "k", len(data), 10) == b""
+    assert read(c, src, "k", len(data) + 5, 10) == b""
+    assert read(c, src, "k", 0, 0) == b""
+    # whole file in one read
+    assert read(c, src, "k", 0, len(data) + 100) == data
+    # each segment decrypted exactly once
+    assert all(v == 1 for v in src.calls.values())
+    with pytest.raises(ValueError):
+        read(c, src, "k", -1, 10)
+    c.close()
+
+
+def test_touches_only_covering_segments(data):
+    src = FakeSource(data, PAGE)
+    with ChunkCache(20 * PAGE, readahead=0) as c:
+        read(c, src, "k", 3 * PAGE + 5, 10)
+        assert src.calls == {3: 1}
+        read(c, src, "k", 5 * PAGE - 1, 2)
+        assert src.calls == {3: 1, 4: 1, 5: 1}
+
+
+def test_sources_share_cache_by_key(data):
+    other = rand_bytes(len(data), seed=7)
+    a, b = FakeSource(data, PAGE), FakeSource(other, PAGE)
+    with ChunkCache(4 * PAGE, readahead=0) as c:
+        for _ in range(3):
+            assert read(c, a, "a", 0, 100) == data[:100]
+            assert read(c, b, "b", 0, 100) == other[:100]
+        assert a.calls == {0: 1} and b.calls == {0: 1}
+        assert set(c.cached_keys()) == {("a", 0), ("b", 0)}
+
+
+# ------------------------------------------------------------ bound and LRU
+
+
+def test_lru_bound_and_eviction_order(data):
+    src = FakeSource(data, PAGE)
+    c = ChunkCache(3 * PAGE, readahead=0)
+    for i in (0, 1, 2):
+        read(c, src, "k", i * PAGE, 10)
+    assert c.cached_keys() == [("k", 0), ("k", 1), ("k", 2)]
+    read(c, src, "k", 0, 10)  # touch 0 -> LRU is 1
+    assert c.cached_keys() == [("k", 1), ("k", 2), ("k", 0)]
+    read(c, src, "k", 3 * PAGE, 10)  # evicts 1
+    assert c.cached_keys() == [("k", 2), ("k", 0), ("k", 3)]
+    read(c, src, "k", 4 * PAGE, 10)  # evicts 2
+    assert c.cached_keys() == [("k", 0), ("k", 3), ("k", 4)]
+    s = c.stats()
+    assert s["evictions"] == 2
+    assert s["bytes_held"] == 3 * PAGE and s["capacity"] == 3 * PAGE
+    assert s["hits"] == 1 and s["misses"] == 5
+    assert s["hit_ratio"] == pytest.approx(1 / 6)
+    # pool buffers are reused, never more than capacity allows
+    assert len(live_buffers(c)) == 3
+    ids = {id(b) for b in live_buffers(c)}
+    for i in range(len(src.segment_starts)):
+        read(c, src, "k", i * PAGE, PAGE)
+        check_bound(c)
+    assert {id(b) for b in live_buffers(c)} == ids
+    # evicted segment decrypted again
+    before = src.calls[1]
+    assert ("k", 1) not in c.cached_keys()
+    read(c, src, "k", 1 * PAGE, 10)
+    assert src.calls[1] == before + 1
+    c.close()
+    assert c.stats()["bytes_held"] == 0
+
+
+def test_eviction_zeroes_buffer_before_reuse(data, monkeypatch):
+    src = FakeSource(data, PAGE)
+    c = ChunkCache(1 * PAGE, readahead=0)
+    read(c, src, "k", 0, 10)
+    (buf,) = live_buffers(c)
+    seen = []
+
+    def spy(i, out):
+        seen.append(bytes(buf.mv))  # what the reused buffer holds when handed out
+        return FakeSource.read_segment(src, i, out)
+
+    monkeypatch.setattr(src, "read_segment", spy)
+    assert read(c, src, "k", PAGE, 10) == data[PAGE:PAGE + 10]
+    assert seen == [bytes(PAGE)]
+    c.close()
+
+
+def test_zero_reused_false_scrubs_tail(monkeypatch):
+    P = PAGE
+    data = rand_bytes(2 * P + P // 2, seed=21)  # last segment is half a page
+    src = FakeSource(data, P)
+    c = ChunkCache(P, readahead=0, zero_reused=False)
+    read(c, src, "k", 0, 10)
+    (buf,) = live_buffers(c)
+    seen = []
+
+    def spy(i, out):
+        seen.append(bytes(buf.mv))
+        return FakeSource.read_segment(src, i, out)
+
+    monkeypatch.setattr(src, "read_segment", spy)
+    assert read(c, src, "k", 2 * P, P) == data[2 * P:]
+    # stale tail of the old segment zeroed before the new decryption
+    assert seen[0][P // 2:] == bytes(P // 2) and seen[0][:P // 2] == data[:P // 2]
+    assert bytes(buf.mv) == data[2 * P:] + bytes(P // 2)
+    c.wipe()
+    assert bytes(buf.mv) == bytes(P)
+    c.close()
+
+
+def test_preallocated_pool(data):
+    src = FakeSource(data, PAGE)
+    c = ChunkCache(4 * PAGE + 100, readahead=0, chunk_size=PAGE)
+    bufs = live_buffers(c)
+    assert len(bufs) == 4 and c.stats()["bytes_held"] == 4 * PAGE
+    for i in range(len(src.segment_starts)):
+        assert read(c, src, "k", i * PAGE, PAGE) == data[i * PAGE:(i + 1) * PAGE]
+    assert {id(b) for b in live_buffers(c)} == {id(b) for b in bufs}
+    check_bound(c)
+    c.close()
+
+
+# ------------------------------------------------------------- single flight
+
+
+def test_single_flight():
+    data = rand_bytes(4 * PAGE, seed=3)
+    src = FakeSource(data, PAGE, delay=0.2)
+    c = ChunkCache(4 * PAGE, readahead=0)
+    barrier = threading.Barrier(8)
+    results, errors = [], []
+
+    def worker():
+        try:
+            barrier.wait()
+            results.append(read(c, src, "k", PAGE + 7, 100))
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    assert results == [data[PAGE + 7:PAGE + 107]] * 8
+    assert src.calls == {1: 1}
+    s = c.stats()
+    assert s["misses"] == 1 and s["hits"] == 7
+    c.close()
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_failed_segment_raises_every_time_not_cached(data):
+    src = FakeSource(data, PAGE, corrupt={2})
+    c = ChunkCache(4 * PAGE, readahead=0)
+    for n in range(1, 4):
+        with pytest.raises(IntegrityError):
+            read(c, src, "k", 2 * PAGE + 1, 10)
+        assert src.calls[2] == n
+        assert ("k", 2) not in c.cached_keys()
+    # range spanning a bad segment fails, nothing partial returned as success
+    out = bytearray(3 * PAGE)
+    with pytest.raises(IntegrityError):
+        c.read_into(src, "k", PAGE, memoryview(out))
+    assert out[:PAGE] == data[PAGE:2 * PAGE] and out[PAGE:] == bytes(2 * PAGE)
+    # failed buffer was zeroed and recycled; other segments still fine
+    assert read(c, src, "k", 0, 10) == data[:10]
+    for b in live_buffers(c):
+        assert b"\xee" * 64 not in bytes(b.mv)
+    check_bound(c)
+    # once fixed, it is served
+    src.corrupt.clear()
+    assert read(c, src, "k", 2 * PAGE, 10) == data[2 * PAGE:2 * PAGE + 10]
+    c.close()
+
+
+def test_failure_propagates_to_all_waiters():
+    data = rand_bytes(4 * PAGE, seed=4)
+    src = FakeSource(data, PAGE, delay=0.2, corrupt={0})
+    c = ChunkCache(4 * PAGE, readahead=0)
+    barrier = threading.Barrier(6)
+    errs = []
+
+    def worker():
+        barrier.wait()
+        try:
+            read(c, src, "k", 0, 10)
+        except IntegrityError as e:
+            errs.append(e)
+
+    ts = [threading.Thread(target=worker) for _ in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(errs) == 6
+    assert src.calls[0] == 1  # single flight also for failures
+    assert c.stats()["bytes_cached"] == 0
+    c.close()
+
+
+def test_wrong_size_from_source_is_an_error(data):
+    src = FakeSource(data, PAGE)
+    src.read_segment = lambda i, out: 1
+    with ChunkCache(4 * PAGE, readahead=0) as c:
+        with pytest.raises(OSError):
+            read(c, src, "k", 0, 10)
+        assert c.cached_keys() == []
+
+
+def test_arbitrary_exception_propagates(data):
+    src = FakeSource(data, PAGE)
+
+    def boom(i, out):
+        raise KeyError("x")
+
+    src.read_segment = boom
+    with ChunkCache(4 * PAGE, readahead=0) as c:
+        with pytest.raises(KeyError):
+            read(c, src, "k", 0, 10)
+
+
+# ---------------------------------------------------------------------- wipe
+
+
+def test_wipe_zeroes_and_empties(data):
+    src = FakeSource(data, PAGE)
+    c = ChunkCache(6 * PAGE, readahead=0)
+    read(c, src, "k", 0, 6 * PAGE)
+    bufs = live_buffers(c)
+    assert len(bufs) == 6 and any(bytes(b.mv) != bytes(b.cap) for b in bufs)
+    assert c.wipe() is True
+    for b in bufs:
+        assert b.closed or bytes(b.mv) == bytes(b.cap)
+    for b in live_buffers(c):
+        assert bytes(b.mv) == bytes(b.cap)
+    s = c.stats()
+    assert s["bytes_cached"] == 0 and c.cached_keys() == []
+    # served again (decrypts again)
+    assert read(c, src, "k", 0, 10) == data[:10]
+    assert src.calls[0] == 2
+    c.wipe(release=True)
+    assert c.stats()["bytes_held"] == 0 and live_buffers(c) == []
+    c.close()
+    with pytest.raises(ValueError):
+        read(c, src, "k", 0, 10)
+
+
+def test_wipe_with_inflight_and_pending_readahead():
+    data = rand_bytes(40 * PAGE, seed=5)
+    src = FakeSource(data, PAGE, delay=0.05)
+    c = ChunkCache(8 * PAGE, readahead=3)
+    res = []
+    t = threading.Thread(target=lambda: res.append(read(c, src, "k", 5 * PAGE, 100)))
+    read(c, src, "k", 0, PAGE)
+    read(c, src, "k", PAGE, PAGE)  # sequential -> readahead queued
+    t.start()
+    time.sleep(0.01)
+    assert c.wipe(timeout=5) is True
+    t.join()
+    assert res == [data[5 * PAGE:5 * PAGE + 100]]  # in-flight read still served
+    for b in live_buffers(c):
+        assert bytes(b.mv) == bytes(b.cap)
+    assert c.cached_keys() == []
+    time.sleep(0.2)  # cancelled readahead must not refill the cache
+    assert c.cached_keys() == []
+    c.close()
+
+
+# ----------------------------------------------------------------- readahead
+
+
+def test_readahead_sequential_scan():
+    nseg = 30
+    data = rand_bytes(nseg * PAGE, seed=6)
+    src = FakeSource(data, PAGE, delay=0.003)
+    c = ChunkCache(8 * PAGE, readahead=3)
+    half = PAGE // 2
+    got = bytearray()
+    for off in range(0, len(data), half):
+        got += read(c, src, "k", off, half)
+    assert bytes(got) == data
+    s = c.stats()
+    assert s["readahead_issued"] > 0
+    assert s["readahead_hits"] >= nseg - 4
+    assert s["misses"] <= 3
+    assert all(v == 1 for v in src.calls.values()) and len(src.calls) == nseg
+    assert s["hit_ratio"] > 0.9
+    check_bound(c)
+    c.close()
+
+
+def test_no_readahead_for_random_access():
+    data = rand_bytes(30 * PAGE, seed=8)
+    src = FakeSource(data, PAGE)
+    with ChunkCache(8 * PAGE, readahead=3) as c:
+        for i in (20, 3, 27, 11, 0, 15):
+            read(c, src, "k", i * PAGE + 10, 100)
+        time.sleep(0.05)
+        assert c.stats()["readahead_issued"] == 0
+        assert sorted(src.calls) == [0, 3, 11, 15, 20, 27]
+
+
+def test_readahead_disabled_and_respects_small_capacity():
+    data = rand_bytes(20 * PAGE, seed=9)
+    src = FakeSource(data, PAGE)
+    with ChunkCache(8 * PAGE, readahead=0) as c:
+        for off in range(0, len(data), PAGE):
+            read(c, src, "k", off, PAGE)
+        assert c.stats()["readahead_issued"] == 0
+    src = FakeSource(data, PAGE)
+    with ChunkCache(1 * PAGE, readahead=3) as c:  # no room for readahead
+        for off in range(0, len(data), PAGE):
+            assert read(c, src, "k", off, PAGE) == data[off:off + PAGE]
+        assert c.stats()["readahead_issued"] == 0
+        assert all(v == 1 for v in src.calls.values())
+
+
+def test_readahead_does_not_evict_pinned_or_exceed_bound():
+    data = rand_bytes(30 * PAGE, seed=10)
+    src = FakeSource(data, PAGE, delay=0.002)
+    c = ChunkCache(3 * PAGE, readahead=3)
+    for off in range(0, len(data), PAGE // 4):
+        assert read(c, src, "k", off, PAGE // 4) == data[off:off + PAGE // 4]
+        check_bound(c)
+    time.sleep(0.05)
+    check_bound(c)
+    assert c.stats()["readahead_issued"] > 0
+    c.close()
+
+
+def test_readahead_errors_swallowed_foreground_raises(caplog):
+    data = rand_bytes(10 * PAGE, seed=11)
+    src = FakeSource(data, PAGE, corrupt={3})
+    c = ChunkCache(8 * PAGE, readahead=3)
+    with caplog.at_level(logging.DEBUG, logger="ctfs.cache"):
+        read(c, src, "k", 0, PAGE)
+        read(c, src, "k", PAGE, PAGE)  # schedules 2,3,4
+        deadline = time.time() + 2
+        while src.calls.get(3, 0) == 0 and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.02)
+        assert read(c, src, "k", 2 * PAGE, PAGE) == data[2 * PAGE:3 * PAGE]
+        with pytest.raises(IntegrityError):
+            read(c, src, "k", 3 * PAGE, PAGE)
+    assert ("k", 3) not in c.cached_keys()
+    c.close()
+
+
+# ------------------------------------------------------ larger-than-max segments
+
+
+def test_larger_than_max_segment():
+    # segments: [0,P) [P,4P) (3 pages > max: dedicated buffer) [4P,5P) [5P,6P)
+    P = PAGE
+    data = rand_bytes(6 * P, seed=12)
+    src = FakeSource(data, P, starts=[0, P, 4 * P, 5 * P], max_segment_size=P)
+    c = ChunkCache(5 * P, readahead=0)
+    assert read(c, src, "k", 0, len(data)) == data  # 0 evicted (LRU) to make room for 3
+    assert c.cached_keys() == [("k", 1), ("k", 2), ("k", 3)]
+    assert sorted(b.cap for b in live_buffers(c)) == [P, P, 3 * P]
+    check_bound(c)
+    # large segment served from cache
+    assert read(c, src, "k", P + 5, 2 * P) == data[P + 5:3 * P + 5]
+    assert src.calls[1] == 1
+    # pulling 0 and 4.. evicts the dedicated buffer (LRU is 2, then 3, then 1)
+    read(c, src, "k", 0, 10)   # evicts 2 (same size, reused)
+    read(c, src, "k", 4 * P, 10)  # 2 again: evicts 3
+    assert c.cached_keys() == [("k", 1), ("k", 0), ("k", 2)]
+    read(c, src, "k", 5 * P, 10)  # 3: evicts 1 (dedicated, unmapped), room for new pool buffer
+    assert ("k", 1) not in c.cached_keys()
+    assert all(b.cap == P for b in live_buffers(c))
+    check_bound(c)
+    assert read(c, src, "k", P, 3 * P) == data[P:4 * P]
+    assert src.calls[1] == 2
+    check_bound(c)
+    c.close()
+
+
+def test_segment_larger_than_capacity_served_then_dropped():
+    P = PAGE
+    data = rand_bytes(10 * P, seed=13)
+    src = FakeSource(data, P, starts=[0, P, 9 * P], max_segment_size=P)  # seg 1 is 8 pages
+    c = ChunkCache(2 * P, readahead=0)
+    assert read(c, src, "k", 0, P) == data[:P]
+    assert read(c, src, "k", 2 * P, 3 * P) == data[2 * P:5 * P]
+    s = c.stats()
+    assert ("k", 1) not in c.cached_keys()
+    assert s["bytes_held"] <= 2 * P  # transient buffer released
+    assert all(b.cap <= 2 * P for b in live_buffers(c))
+    assert read(c, src, "k", P, 8 * P) == data[P:9 * P]
+    assert src.calls[1] == 2
+    c.close()
+
+
+# -------------------------------------------------------------------- mlock
+
+
+def test_mlock_status_and_failure_not_fatal(data, monkeypatch, caplog):
+    src = FakeSource(data, PAGE)
+    with ChunkCache(4 * PAGE) as c:
+        read(c, src, "k", 0, 10)
+        assert isinstance(c.stats()["mlocked"], bool)
+    monkeypatch.setattr(cache_mod, "_mlock", lambda addr, n: (False, "mlock failed: EPERM"))
+    with caplog.at_level(logging.WARNING, logger="ctfs.cache"):
+        with ChunkCache(4 * PAGE, readahead=0) as c:
+            for i in range(4):
+                assert read(c, src, "k", i * PAGE, 10) == data[i * PAGE:i * PAGE + 10]
+            assert c.stats()["mlocked"] is False
+    warnings = [r for r in caplog.records if r.name == "ctfs.cache" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    with ChunkCache(4 * PAGE, mlock=False) as c:
+        read(c, src, "k", 0, 10)
+        assert c.stats()["mlocked"] is False
+
+
+# -------------------------------------------------------------- concurrency
+
+
+@pytest.mark.parametrize("cap_chunks,ra", [(3, 3), (6, 2), (32, 3)])
+def test_concurrency_stress(cap_chunks, ra):
+    P = PAGE
+    data = rand_bytes(40 * P + 321, seed=14)
+    src = FakeSource(data, P, delay=0.0002)
+    src2 = FakeSource(rand_bytes(len(data), seed=15), P)
+    c = ChunkCache(cap_chunks * P, readahead=ra)
+    errors = []
+    stop = time.time() + 1.0
+
+    def worker(seed):
+        r = random.Random(seed)
+        try:
+            while time.time() < stop:
+                s, key = (src, "a") if r.random() < 0.7 else (src2, "b")
+                if r.random() < 0.5:  # sequential run
+                    off = r.randrange(len(data))
+                    for _ in range(r.randrange(1, 10)):
+                        n = r.randrange(1, 2 * P)
+                        got = read(c, s, key, off, n)
+                        if got != s.data[off:off + n]:
+                            errors.append(("seq", key, off, n))
+                        off += n
+                else:
+                    off = r.randrange(len(data) + 10)
+                    n = r.randrange(0, 4 * P)
+                    if read(c, s, key, off, n) != s.data[off:off + n]:
+                        errors.append(("rnd", key, off, n))
+                st_ = c.stats()
+                if st_["bytes_held"] > st_["capacity"]:
+                    errors.append(("bound", st_["bytes_held"]))
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors[:5]
+    check_bound(c)
+    s = c.stats()
+    assert s["hits"] + s["misses"] > 100
+    c.close()
+    assert c.stats()["bytes_held"] == 0
+
+
+def test_stats_keys():
+    with ChunkCache(PAGE) as c:
+        s = c.stats()
+    for k in ("bytes_cached", "capacity", "hits", "misses", "hit_ratio", "evictions",
+              "bytes_decrypted", "decrypt_seconds", "readahead_issued", "readahead_hits", "mlocked"):
+        assert k in s
+
+
+def test_capacity_below_one_segment_still_serves(data):
+    src = FakeSource(data, 2 * PAGE)
+    with ChunkCache(PAGE, readahead=3) as c:
+        for off in range(0, len(data), PAGE):
+            assert read(c, src, "k", off, PAGE) == data[off:off + PAGE]
+            s = c.stats()
+            assert s["bytes_held"] == 0 and s["bytes_cached"] == 0  # transient, dropped
+        assert c.stats()["readahead_issued"] == 0
+
+
+def test_drop_source(data):
+    a, b = FakeSource(data, PAGE), FakeSource(data[::-1], PAGE)
+    with ChunkCache(8 * PAGE, readahead=0) as c:
+        read(c, a, "a", 0, 3 * PAGE)
+        read(c, b, "b", 0, 2 * PAGE)
+        c.drop_source("a")
+        assert c.cached_keys() == [("b", 0), ("b", 1)]
+        assert ("b", 0) in c and ("a", 0) not in c
+        assert read(c, a, "a", 0, 10) == data[:10]
+        assert a.calls[0] == 2
+        check_bound(c)
