@@ -313,10 +313,7 @@ def main(argv=None) -> int:
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("ctfs: interrupted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("ctfs: interrupted; nothing was left half-written", err=True)
         return 130
     except CtfsError as e:

@@ -67,6 +67,57 @@ mfusepy = _load_mfusepy()
 FuseOSError = mfusepy.FuseOSError
 FUSE_VERSION = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
 
+# -- libfuse's own messages -> logging ("ctfs.fuse") -------------------------------------
+
+_LOG_FUNC_T = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_log_func_ref = None  # keeps the ctypes callback alive
+last_libfuse_error: Optional[str] = None
+# libfuse 3.14's fuse_main_real passes an unset max_threads and complains; harmless.
+_LIBFUSE_NOISE = ("Ignoring invalid max threads value",)
+
+
+def install_libfuse_logger() -> bool:
+    """Route libfuse's fuse_log() messages (normally raw stderr) to ``ctfs.fuse``."""
+    global _log_func_ref
+    if _log_func_ref is not None:
+        return True
+    try:
+        libfuse = mfusepy._libfuse
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        vsnprintf = libc.vsnprintf
+        vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
+        vsnprintf.restype = ctypes.c_int
+        set_log_func = libfuse.fuse_set_log_func
+        set_log_func.argtypes = (_LOG_FUNC_T,)
+        set_log_func.restype = None
+    except (AttributeError, OSError):
+        return False
+
+    def log_func(level, fmt, ap):  # va_list arrives as a pointer on x86-64 and arm64
+        global last_libfuse_error
+        try:
+            buf = ctypes.create_string_buffer(1024)
+            vsnprintf(buf, len(buf), fmt, ap)
+            msg = buf.value.decode("utf-8", "replace").strip()
+            if not msg:
+                return
+            if msg.startswith(_LIBFUSE_NOISE):
+                log.debug("libfuse: %s", msg)
+            elif level <= 3:  # EMERG..ERR
+                last_libfuse_error = msg
+                log.error("libfuse: %s", msg)
+            elif level == 4:
+                log.warning("libfuse: %s", msg)
+            else:
+                log.debug("libfuse: %s", msg)
+        except Exception:  # noqa: BLE001 - never raise into C
+            pass
+
+    _log_func_ref = _LOG_FUNC_T(log_func)
+    set_log_func(_log_func_ref)
+    return True
+
+
 _PyBUF_WRITE = 0x200
 _memview_from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
 _memview_from_memory.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
@@ -320,9 +371,8 @@ class CtfsOperations(mfusepy.Operations):
         self.tree.release(_fh_of(fh))
         return 0
 
-    @_guard
-    def flush(self, path: str, fh) -> int:
-        return 0
+    # No flush/fsync: libfuse answers ENOSYS once and the kernel stops sending FLUSH on
+    # every close().
 
     # -- read-only: everything that mutates -> EROFS ------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 
 from .errors import (
     FileLengthError,
+    FormatError,
     HeaderTooLargeError,
     HeaderTooSmallError,
     InvalidHeaderError,
@@ -197,9 +198,17 @@ def read_header(fd: int) -> Header:
 def read_header_path(path: str | os.PathLike) -> Header:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return read_header(fd)
+        return read_header_named(fd, os.fspath(path))
     finally:
         os.close(fd)
+
+
+def read_header_named(fd: int, path: str) -> Header:
+    """read_header whose errors name the file."""
+    try:
+        return read_header(fd)
+    except FormatError as e:
+        raise type(e)(f"{path}: {e}") from None
 
 
 def dumps_compact(obj) -> str:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .aead import algorithm
-from .errors import KeyFileError, KeyNotFoundError
+from .errors import KeyFileError, KeyNotFoundError, UnknownAlgorithmError
 
 
 def b64d(value, what: str, *, exc=KeyFileError) -> bytes:
@@ -70,7 +70,10 @@ def parse_jwk(jwk: dict) -> MasterKey | SigningKey:
     if "alg" not in jwk:
         raise KeyFileError(f"{name}: missing field alg")
     if kty == "oct":
-        alg = algorithm(jwk["alg"])
+        try:
+            alg = algorithm(jwk["alg"])
+        except UnknownAlgorithmError as e:
+            raise KeyFileError(f"{name}: {e}") from None
         k = b64d(jwk.get("k"), f"{name}: k")
         if len(k) != alg.key_len:
             raise KeyFileError(f"{name}: {alg.name} needs a {alg.key_len}-byte key, k has {len(k)}")

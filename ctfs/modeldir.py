@@ -35,9 +35,16 @@ def is_tensor_file(path: str) -> bool:
 
 
 def plan_size(src: str) -> int:
-    if os.path.isfile(src):
-        return os.path.getsize(src)
-    return sum(os.path.getsize(os.path.join(src, r)) for r in walk_files(src) if is_tensor_file(r))
+    """Tensor bytes to process (what progress callbacks count)."""
+    files = [src] if os.path.isfile(src) else [
+        os.path.join(src, r) for r in walk_files(src) if is_tensor_file(r)]
+    total = 0
+    for f in files:
+        try:
+            total += read_header_path(f).data_len
+        except (CtfsError, OSError):
+            pass
+    return total
 
 
 def encrypt_path(src: str, dst: str, keys: KeySet, opts: EncryptOptions | None = None, *,

@@ -30,6 +30,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -122,9 +123,13 @@ def _probe(mountpoint: str, timeout: float = 2.0) -> str:
     """'alive', 'dead' (ENOTCONN/ECONNABORTED) or 'hung' (stat did not return)."""
     res: dict = {}
 
+    # A never-seen name is never in the dentry/attr caches, so its LOOKUP must reach the
+    # daemon (a plain stat of the mountpoint may be answered from the attribute cache).
+    probe = os.path.join(mountpoint, f".ctfs-probe-{os.urandom(8).hex()}")
+
     def run():
         try:
-            os.stat(mountpoint)
+            os.stat(probe)
             res["s"] = "alive"
         except OSError as e:
             res["s"] = "dead" if e.errno in (errno.ENOTCONN, errno.ECONNABORTED) else "alive"
@@ -321,6 +326,16 @@ def _set_error(msg: str) -> None:
     log.error("%s", msg)
 
 
+def report_error(message: str) -> None:
+    """Record (and log) why the daemon could not start.
+
+    In a :func:`spawn_background` child the parent prints this message when ``run()``
+    returns before the mount is ready; call it for failures that happen before
+    :func:`serve` (configuration, keys, policy).
+    """
+    _set_error(str(message))
+
+
 def _read_report(rfd: int, deadline: float) -> tuple[Optional[str], bytes]:
     """Read the child's report until EOF or deadline -> (status, data)."""
     data = b""
@@ -394,8 +409,12 @@ def spawn_background(run: Callable[[], int], mountpoint, timeout: float = 30,
             if not _BG_CHILD.done:
                 msg = _LAST_ERROR or _BG_CHILD.captured_stderr() or (
                     f"daemon exited with status {rc} before the mount was ready")
-                if _LAST_ERROR and (extra := _BG_CHILD.captured_stderr()):
-                    msg = f"{msg}\n{extra}"
+                if _LAST_ERROR:  # add libfuse/fusermount output not already in the message
+                    extra = "\n".join(
+                        ln for ln in _BG_CHILD.captured_stderr().splitlines()
+                        if ln.strip() and _LAST_ERROR not in ln)
+                    if extra:
+                        msg = f"{msg}\n{extra}"
                 _BG_CHILD.fail(rc or 1, msg)
         except BaseException:  # noqa: BLE001
             rc = 1
@@ -468,12 +487,16 @@ def _preflight(mp: str) -> Optional[str]:
             return (f"{mp} is a dead FUSE mount (transport endpoint is not connected); "
                     "unmount it first")
         return f"mountpoint {mp}: {e.strerror}"
-    import stat as _stat
-    if not _stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         return f"mountpoint {mp} is not a directory"
     if is_mounted(mp):
         return f"{mp} is already mounted"
     return None
+
+
+def _opt_escape(value: str) -> str:
+    """Escape a -o option value for libfuse's option parser (',' separates options)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
@@ -498,7 +521,11 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
                           read_ahead_kb=read_ahead_kb, ready_timeout=ready_timeout),
             mountpoint, timeout=ready_timeout + 5)
 
+    from . import fuse_ops
     from .fuse_ops import CtfsFUSE, CtfsOperations
+
+    fuse_ops.install_libfuse_logger()
+    fuse_ops.last_libfuse_error = None
 
     mp = _abs_mountpoint(mountpoint)
     err = _preflight(mp)
@@ -515,8 +542,8 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
 
     def fuse_loop() -> None:
         try:
-            CtfsFUSE(ops, mp, raw_fi=True, foreground=True, fsname=fsname, subtype="ctfs",
-                     ro=True, allow_other=allow_other)
+            CtfsFUSE(ops, mp, raw_fi=True, foreground=True, fsname=_opt_escape(fsname),
+                     subtype="ctfs", ro=True, allow_other=allow_other)
             result["rc"] = 0
         except BaseException as e:  # noqa: BLE001
             result["exc"] = e
@@ -545,9 +572,8 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
                 _stop_mount(mp, force=True)
                 thread.join(5)
             else:
-                exc = result.get("exc")
-                detail = f" ({exc})" if exc is not None else ""
-                _set_error(f"mounting {mp} failed{detail}")
+                detail = fuse_ops.last_libfuse_error or result.get("exc")
+                _set_error(f"mounting {mp} failed" + (f": {detail}" if detail else ""))
             return 1
         ready = True
         tuned = _tune_mount(ent, read_ahead_kb)
@@ -565,11 +591,12 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
                 log.info("signal %s: unmounting %s", stop["signum"], mp)
                 _stop_mount(mp, force=handled > 1)
             thread.join(0.2)
-        exc = result.get("exc")
-        if exc is not None and not stop["requested"]:
-            log.warning("FUSE loop ended with %r", exc)
         log.info("stopped serving %s (max FUSE read request %d bytes, %d reads)",
                  mp, ops.max_read_request, ops.read_requests)
+        exc = result.get("exc")
+        if exc is not None and not stop["requested"]:
+            log.error("FUSE loop of %s ended abnormally: %r", mp, exc)
+            return 1
         return 0
     except BaseException:
         if thread.is_alive():

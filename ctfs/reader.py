@@ -24,7 +24,7 @@ from .errors import (
     CryptoMetadataError, IntegrityError, NotEncryptedError, PolicyError,
     UnverifiedPlaintextError, WrongKeyError,
 )
-from .header import Header, TensorInfo, canonical_signed_message, read_header
+from .header import Header, TensorInfo, canonical_signed_message, read_header_named
 from .keys import KeySet
 from .signing import verify
 
@@ -91,7 +91,7 @@ class CryptoFile:
 
     # --- opening ---------------------------------------------------------------------
     def _open(self, keys, require_encrypted, allow_unverified_plain, policy_input, check_policy):
-        self.header: Header = read_header(self._fd)
+        self.header: Header = read_header_named(self._fd, self.path)
         self.data_start = self.header.data_start
         self.data_len = self.header.data_len
         meta = self.header.metadata or {}

@@ -22,7 +22,9 @@ from .cryptometa import (
     KeyRef, TensorCrypto, crypto_keys_value, encryption_value, plain_digests_value,
 )
 from .errors import CtfsError, NotEncryptedError
-from .header import TensorInfo, canonical_signed_message, read_header, serialize_header, sorted_tensors
+from .header import (
+    TensorInfo, canonical_signed_message, read_header_named, serialize_header, sorted_tensors,
+)
 from .keys import KeySet, MasterKey
 from .signing import sign
 
@@ -139,7 +141,7 @@ def encrypt_file(src: str, dst: str, keys: KeySet, opts: EncryptOptions | None =
 
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        hdr = read_header(fd)
+        hdr = read_header_named(fd, src)
         meta = dict(hdr.metadata or {})
         if ENCRYPTION in meta:
             raise EncryptError(f"{src} is already a CryptoTensors file")
@@ -295,22 +297,6 @@ def _pwrite(fd: int, data, offset: int) -> None:
     while mv:
         n = os.pwrite(fd, mv, offset)
         mv, offset = mv[n:], offset + n
-
-
-def is_plain_safetensors(path: str) -> bool:
-    try:
-        hdr = _header_of(path)
-    except CtfsError:
-        return False
-    return ENCRYPTION not in (hdr.metadata or {})
-
-
-def _header_of(path: str):
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return read_header(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["EncryptError", "EncryptOptions", "encrypt_file", "NotEncryptedError"]
