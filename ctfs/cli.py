@@ -243,7 +243,7 @@ def setup_logging(level: str) -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path())
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("--key-provider", default="file", show_default=True,
               help="file, env, vault, systemd-creds, or a site provider (entry point ctfs.key_providers).")
 @click.option("--key-file", type=click.Path(), help="JWK set (file provider).")
@@ -293,7 +293,7 @@ def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, r
 
 
 @cli.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 def umount(mountpoint):
     """Unmount MOUNTPOINT (also clears the mount of a daemon that died)."""
     from . import mountd
@@ -306,8 +306,8 @@ def umount(mountpoint):
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="ctfs", standalone_mode=False)
-        return 0
+        rv = cli.main(args=argv, prog_name="ctfs", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:

@@ -178,7 +178,7 @@ class PlainDigests:
 def parse_plain_digests(value: str, tensors: dict[str, TensorInfo],
                         encrypted: set[str]) -> PlainDigests:
     doc = _json(value, PLAIN_DIGESTS)
-    if not isinstance(doc, dict) or doc.get("v") != 1:
+    if not isinstance(doc, dict) or type(doc.get("v")) is not int or doc["v"] != 1:
         raise CryptoMetadataError(f"{PLAIN_DIGESTS}: unsupported layout (expected v=1)")
     cs = doc.get("chunk_size")
     if type(cs) is not int or cs <= 0:

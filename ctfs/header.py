@@ -136,6 +136,10 @@ def parse_header_bytes(raw: bytes, file_size: int, header_len: int | None = None
         raise InvalidHeaderError(f"header is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidHeaderError("header is not a JSON object")
+    try:  # lone surrogates ("\ud800") parse in Python but are not Unicode text
+        dumps_compact(doc).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidHeaderError("header is not valid JSON: string with an unpaired surrogate") from None
 
     metadata = doc.pop("__metadata__", None)
     if metadata is not None:

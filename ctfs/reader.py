@@ -21,8 +21,8 @@ from .cryptometa import (
     parse_crypto_keys, parse_encryption, parse_plain_digests,
 )
 from .errors import (
-    CryptoMetadataError, IntegrityError, NotEncryptedError, PolicyError,
-    UnverifiedPlaintextError, WrongKeyError,
+    CryptoMetadataError, IntegrityError, KeyNotFoundError, NotEncryptedError, PolicyError,
+    SignatureError, UnverifiedPlaintextError, WrongKeyError,
 )
 from .header import Header, TensorInfo, canonical_signed_message, read_header_named
 from .keys import KeySet
@@ -112,11 +112,13 @@ class CryptoFile:
             return
 
         where = self.path
-        for required in (CRYPTO_KEYS, SIGNATURE, POLICY):
+        if SIGNATURE not in meta:
+            raise SignatureError(f"{where}: missing __signature__ in metadata")
+        for required in (CRYPTO_KEYS, POLICY):
             if required not in meta:
                 raise CryptoMetadataError(f"{where}: missing {required} in metadata")
         if keys is None:
-            raise WrongKeyError(f"{where}: an encrypted file needs keys")
+            raise KeyNotFoundError(f"{where}: an encrypted file needs keys, none were given")
         self.crypto = crypto = parse_crypto_keys(meta[CRYPTO_KEYS])
         master = keys.master_key(crypto.enc.kid)
         if master.alg != crypto.enc.alg:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .header import (
 from .keys import KeySet, MasterKey
 from .signing import sign
 
+log = logging.getLogger("ctfs.writer")
 Progress = Callable[[int], None]
 IO_BLOCK = 1 << 20
 
@@ -89,6 +91,9 @@ def spread_empty_tensors(layout: list[TensorInfo]) -> list[TensorInfo]:
             free.remove(best)
         else:
             best = t.start
+            log.warning("%s: more zero-length tensors than offsets; %r shares offset %d "
+                        "(the reference library then verifies this file only some of the time)",
+                        "writer", t.name, best)
         out.append(TensorInfo(t.name, t.dtype, t.shape, best, best))
     return sorted_tensors(out)
 
@@ -146,7 +151,10 @@ def encrypt_file(src: str, dst: str, keys: KeySet, opts: EncryptOptions | None =
         if ENCRYPTION in meta:
             raise EncryptError(f"{src} is already a CryptoTensors file")
         user_meta = {k: v for k, v in meta.items() if k not in RESERVED_KEYS}
-        user_meta.update(opts.extra_metadata)
+        for k, v in opts.extra_metadata.items():
+            if k in RESERVED_KEYS or not isinstance(k, str) or not isinstance(v, str):
+                raise EncryptError(f"metadata {k!r}: reserved key or non-string value")
+            user_meta[k] = v
         layout = spread_empty_tensors(hdr.layout())
         enc_names = {t.name for t in layout if selected(t.name, opts)}
         if not enc_names:

@@ -1,0 +1,66 @@
+"""Helpers for tests that really mount: run the `ctfs` CLI, always unmount afterwards."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+
+CTFS = [sys.executable, "-m", "ctfs.cli"]
+
+
+def ctfs(*args, check=True, timeout=120, env=None, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([*CTFS, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                       env=env, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"ctfs {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr}")
+    return p
+
+
+def is_mounted(mnt) -> bool:
+    mnt = os.path.abspath(mnt)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mnt for line in f)
+
+
+def force_unmount(mnt) -> None:
+    if is_mounted(mnt):
+        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def daemon_process(mnt) -> psutil.Process:
+    mnt = os.path.abspath(mnt)
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "mount" in cmd and mnt in cmd:
+            return p
+    raise LookupError(f"no ctfs daemon for {mnt}")
+
+
+@contextlib.contextmanager
+def mounted(src, mnt, key_file, *extra, env=None):
+    os.makedirs(mnt, exist_ok=True)
+    try:
+        ctfs("mount", src, mnt, "--key-file", key_file, *extra, env=env)
+        assert is_mounted(mnt)
+        yield mnt
+    finally:
+        if is_mounted(mnt):
+            p = ctfs("umount", mnt, check=False)
+            deadline = time.time() + 10
+            while is_mounted(mnt) and time.time() < deadline:
+                time.sleep(0.1)
+        force_unmount(mnt)
+
+
+def write_keys(keyset, path) -> str:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(keyset.to_jwks(), f)
+    return str(path)
