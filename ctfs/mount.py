@@ -93,27 +93,66 @@ def load_keys(provider, timeout: float):
 
 
 class Mount:
-    """The daemon-side state of one mount (tree, cache, provider), lockable."""
+    """The daemon-side state of one mount (tree, cache, provider), lockable.
+
+    ``lock()`` drops every key and plaintext at once; ``unlock()`` re-authorises through
+    the provider; ``status()`` is what ``ctfs status`` and the metrics endpoint show.
+    """
 
     def __init__(self, cfg: MountConfig):
         from .cache import ChunkCache
         from .providers import get_provider
-        from .tree import MountTree
         self.cfg = cfg
         self.provider = get_provider(cfg.provider, **cfg.provider_options)
         self.cache = ChunkCache(cfg.cache_size, readahead=cfg.readahead)
-        keys = load_keys(self.provider, cfg.timeout)
-        try:
-            self.tree = MountTree(cfg.src, keys, self.cache, allow_plain=cfg.allow_plain,
-                                  allow_unverified_plain=cfg.allow_unverified_plain,
-                                  access=access_checker(cfg.allow_uids, cfg.allow_gids),
-                                  policy_input=policy_input_for(cfg))
-            self.key_ids = sorted({(cf.crypto.enc.kid, cf.crypto.sign.kid) for cf in self.tree.files
-                                   if cf.crypto}, key=str)
-        finally:
-            keys.wipe()  # data keys are unwrapped; the master key is not kept
+        self.tree = self._authorise()
         self.started = time.time()
-        log.info("authorised %d encrypted file(s) under %s", len(self.tree.files), cfg.src)
+        self.locked_reason: str | None = None
+
+    def _authorise(self, tree=None):
+        """Fetch keys, verify and unwrap every file; the master key is not kept."""
+        from .tree import MountTree
+        keys = load_keys(self.provider, self.cfg.timeout)
+        try:
+            if tree is None:
+                tree = MountTree(self.cfg.src, keys, self.cache, allow_plain=self.cfg.allow_plain,
+                                 allow_unverified_plain=self.cfg.allow_unverified_plain,
+                                 access=access_checker(self.cfg.allow_uids, self.cfg.allow_gids),
+                                 policy_input=policy_input_for(self.cfg))
+            else:
+                tree.reauthorise(keys)
+        finally:
+            keys.wipe()
+        self.key_ids = sorted({(cf.crypto.enc.kid, cf.crypto.sign.kid) for cf in tree.files
+                               if cf.crypto}, key=str)
+        log.info("authorised %d encrypted file(s) under %s", len(tree.files), self.cfg.src)
+        return tree
+
+    @property
+    def locked(self) -> bool:
+        return self.tree.locked
+
+    def lock(self, reason: str = "locked by request") -> None:
+        self.tree.lock()
+        self.locked_reason = reason
+        log.warning("mount %s locked: %s; keys and cached plaintext dropped", self.cfg.mountpoint, reason)
+
+    def unlock(self) -> None:
+        self._authorise(self.tree)
+        self.locked_reason = None
+        log.info("mount %s unlocked", self.cfg.mountpoint)
+
+    def status(self) -> dict:
+        return {
+            "mountpoint": self.cfg.mountpoint, "source": self.cfg.src, "provider": self.cfg.provider,
+            "pid": os.getpid(), "started": self.started, "locked": self.locked,
+            "locked_reason": self.locked_reason,
+            "files": sorted(os.path.relpath(cf.path, self.cfg.src) for cf in self.tree.files),
+            "key_ids": [{"enc": e, "sign": s} for e, s in self.key_ids],
+            "open_handles": self.tree.open_handles(),
+            "integrity_failures": self.tree.integrity_failures,
+            "cache": self.cache.stats(),
+        }
 
     def close(self) -> None:
         self.tree.close()

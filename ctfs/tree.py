@@ -208,6 +208,17 @@ class MountTree:
         for cf in self.files:
             cf.close()
 
+    def reauthorise(self, keys: KeySet) -> None:
+        """Re-open every encrypted file with fresh keys (after a lock); the tree's shape
+        must not have changed, otherwise the mount stays locked."""
+        old = self._nodes
+        self._build(keys)
+        if {p: (n.kind, n.size) for p, n in old.items()} != \
+                {p: (n.kind, n.size) for p, n in self._nodes.items()}:
+            self.lock()
+            raise MountRefused(f"{self.src}: the source changed while locked; remount it")
+        self.locked = False
+
     def close(self) -> None:
         self.locked = True
         for kind, obj, _ in list(self._handles.values()):
