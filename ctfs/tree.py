@@ -181,8 +181,9 @@ class MountTree:
             raise PermissionError(errno.EACCES, "mount is locked")
         if kind == "real":
             return os.preadv(obj, [out], offset)
+        view = self._nodes[path].view  # looked up per read: unlock installs fresh views
         try:
-            return obj.read_into(offset, out, self.cache, id(obj))
+            return view.read_into(offset, out, self.cache, id(view))
         except IntegrityError as e:
             self.integrity_failures += 1
             log.error("integrity failure, returning EIO: file=%s tensor=%s chunk=%s: %s",
