@@ -205,7 +205,7 @@ def encrypt_file(src: str, dst: str, keys: KeySet, opts: EncryptOptions | None =
             return m
 
         probe = serialize_header(metadata(_placeholder(entries), digests, "A" * 88), layout)
-        header_len = len(probe) - 8
+        header_len = aligned_header_len(len(probe) - 8)
 
         out = _Output(dst, force)
         try:
@@ -283,6 +283,18 @@ def encrypt_file(src: str, dst: str, keys: KeySet, opts: EncryptOptions | None =
             "plain": len(layout) - len(enc_names), "bytes": hdr.data_len,
             "version": opts.version, "alg": alg.name, "enc_kid": master.kid,
             "sign_kid": signer.kid}
+
+
+#: data sections start on a page boundary, with at least this much room left in the header
+#: so a key rotation (other kids) can rewrite the header in place
+HEADER_SLACK = 512
+PAGE = 4096
+
+
+def aligned_header_len(n: int) -> int:
+    """Header length >= n + HEADER_SLACK such that 8 + header is a multiple of the page size
+    (the data section, and so every 2 MiB chunk, is then page-aligned in the file)."""
+    return -(-(8 + n + HEADER_SLACK) // PAGE) * PAGE - 8
 
 
 def _sign_kid_for(keys: KeySet, master: MasterKey) -> str | None:
