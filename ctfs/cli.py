@@ -303,6 +303,27 @@ def umount(mountpoint):
         raise CtfsError(str(e)) from None
 
 
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--key-file", required=True, type=click.Path(), help="The current JWK set.")
+@click.option("--new-key-file", required=True, type=click.Path(), help="The JWK set to rotate to.")
+@click.option("--insecure-perms", is_flag=True)
+@click.option("--kid", help="Use the new master key with this kid.")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), help="Also replace the embedded policy.")
+def rewrap(path, key_file, new_key_file, insecure_perms, kid, policy_file):
+    """Rotate the master key of PATH (a file or model directory): re-wrap every data key and
+    re-sign each header; tensor bytes are not rewritten."""
+    from .rewrap import rewrap_path
+    from .writer import EncryptOptions
+    old = _load_keys(key_file, insecure_perms)
+    new = _load_keys(new_key_file, insecure_perms)
+    policy = open(policy_file, encoding="utf-8").read() if policy_file else None
+    results = rewrap_path(path, old, new, opts=EncryptOptions(kid=kid), policy=policy)
+    modes = {m: sum(r["mode"] == m for r in results) for m in ("in-place", "copied", "unchanged")}
+    click.echo(f"rewrapped {len(results)} file(s) to key {new.master[0].kid if len(new.master) == 1 else kid}: "
+               + ", ".join(f"{v} {k}" for k, v in modes.items() if v), err=True)
+
+
 def main(argv=None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

@@ -140,6 +140,7 @@ class CryptoFile:
         entries = parse_encryption(meta[ENCRYPTION], tensors, crypto, alg.key_len)
         master_cipher = aead.cipher(alg, bytes(master.k))
         self.alg = alg
+        self.entries = entries
         for name, e in entries.items():
             info = tensors[name]
             dek = bytearray(aead.unwrap_key(alg, master_cipher, e.wrapped_key, e.key_iv,
@@ -207,6 +208,10 @@ class CryptoFile:
 
     def is_encrypted(self, name: str) -> bool:
         return self._tensors[name].kind in (ENC_CHUNK, ENC_WHOLE)
+
+    def data_key(self, name: str) -> bytes:
+        """The unwrapped data key of an encrypted tensor (for re-wrapping)."""
+        return bytes(self._tensors[name].dek)
 
     def segment_count(self) -> int:
         return len(self.segment_starts)
