@@ -167,7 +167,7 @@ _DROPPED = 3
 class _Chunk:
     __slots__ = (
         "key", "index", "buf", "size", "state", "pins", "event", "error",
-        "from_ra", "ra_pending", "doomed", "transient",
+        "from_ra", "ra_pending", "doomed", "transient", "consumed",
     )
 
     def __init__(self, key: tuple, index: int, size: int) -> None:
@@ -180,6 +180,7 @@ class _Chunk:
         self.event = threading.Event()
         self.error: BaseException | None = None
         self.from_ra = False
+        self.consumed = False
         self.ra_pending = False
         self.doomed = False
         self.transient = False
@@ -239,6 +240,7 @@ class ChunkCache:
         mlock: bool = True,
         chunk_size: int | None = None,
         zero_reused: bool = True,
+        recycle_consumed: bool = False,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be positive")
@@ -247,6 +249,10 @@ class ChunkCache:
         self._n_workers = max(0, int(workers))
         self._want_mlock = bool(mlock)
         self._zero_reused = bool(zero_reused)
+        # With the kernel page cache in front of us (keep_cache), a chunk a reader has read
+        # to its end is rarely asked for again: recycle its (hot, already mlocked) buffer
+        # before growing the pool, instead of faulting in fresh memory for every chunk.
+        self._recycle = bool(recycle_consumed)
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # memory / wipe waiters
@@ -326,6 +332,8 @@ class ChunkCache:
                 b = min(end, e) - s
                 dst = pos - offset
                 out[dst:dst + (b - a)] = ch.buf.mv[a:b]  # type: ignore[union-attr]
+                if self._recycle and b == e - s:
+                    self._mark_consumed(ch)
             finally:
                 self._unpin(ch)
             pos = s + b
@@ -522,6 +530,14 @@ class ChunkCache:
             fl = self._free.get(cap)
             if fl:
                 return fl.pop(), False
+            if self._recycle and self._map:
+                front = next(iter(self._map.values()))
+                if front.consumed and front.state == _READY and front.pins == 0 \
+                        and front.buf is not None and front.buf.cap == cap:
+                    del self._map[front.key]
+                    self._evictions += 1
+                    buf, front.buf, front.state = front.buf, None, _DROPPED
+                    return buf, True
             if self._held + cap <= self._capacity:
                 self._held += cap
                 if self._held > self._peak:
@@ -668,6 +684,12 @@ class ChunkCache:
             if self._map.get(ch.key) is ch:
                 self._map.move_to_end(ch.key)
             ch.event.set()
+
+    def _mark_consumed(self, ch: _Chunk) -> None:
+        with self._lock:
+            if ch.state == _READY and self._map.get(ch.key) is ch:
+                ch.consumed = True
+                self._map.move_to_end(ch.key, last=False)
 
     def _unpin(self, ch: _Chunk) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ import grp
 import logging
 import os
 import pwd
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class MountConfig:
     timeout: float = 30.0          # how long to retry an unreachable key service at mount
     recheck: float | None = None   # seconds between provider re-checks (vault)
     foreground: bool = False
+    metrics: str | None = None     # HOST:PORT of the Prometheus endpoint (ctfs.metrics)
+    log_level: str = "info"
 
 
 def make_nondumpable() -> None:
@@ -104,10 +107,13 @@ class Mount:
         from .providers import get_provider
         self.cfg = cfg
         self.provider = get_provider(cfg.provider, **cfg.provider_options)
-        self.cache = ChunkCache(cfg.cache_size, readahead=cfg.readahead)
+        self.cache = ChunkCache(cfg.cache_size, readahead=cfg.readahead,
+                                recycle_consumed=not cfg.direct_io)
         self.tree = self._authorise()
         self.started = time.time()
         self.locked_reason: str | None = None
+        self._recheck_stop = threading.Event()
+        self._recheck_thread: threading.Thread | None = None
 
     def _authorise(self, tree=None):
         """Fetch keys, verify and unwrap every file; the master key is not kept."""
@@ -154,7 +160,35 @@ class Mount:
             "cache": self.cache.stats(),
         }
 
+    def start_recheck(self) -> None:
+        """Re-check authorisation every ``cfg.recheck`` seconds (providers with ``check``)."""
+        if not self.cfg.recheck or not hasattr(self.provider, "check") or self._recheck_thread:
+            return
+        self._recheck_thread = threading.Thread(target=self._recheck_loop, name="ctfs-recheck",
+                                                daemon=True)
+        self._recheck_thread.start()
+
+    def _recheck_loop(self) -> None:
+        from .providers import ProviderDenied, ProviderUnavailable
+        interval = max(0.1, float(self.cfg.recheck))
+        while not self._recheck_stop.wait(interval):
+            if self.locked:
+                continue  # nothing to protect; an explicit unlock re-authorises
+            try:
+                self.provider.check()
+            except ProviderDenied as e:
+                if not self._recheck_stop.is_set():
+                    self.lock(f"key provider {self.provider.name} denied access: {e}")
+            except ProviderUnavailable as e:
+                log.warning("key provider %s unreachable on re-check (%s); still serving",
+                            self.provider.name, e)
+            except Exception as e:  # noqa: BLE001 - keep re-checking
+                log.warning("key provider %s re-check failed: %s", self.provider.name, e)
+
     def close(self) -> None:
+        self._recheck_stop.set()
+        if self._recheck_thread is not None and self._recheck_thread is not threading.current_thread():
+            self._recheck_thread.join(5)
         self.tree.close()
         self.cache.close()
         close = getattr(self.provider, "close", None)
@@ -165,12 +199,57 @@ class Mount:
 def run(cfg: MountConfig, on_ready=None) -> int:
     """Authorise and serve ``cfg`` in the foreground of this process until unmounted."""
     from . import mountd
+    from .notify import LockWatcher, Notifier, count_tensor_files, serving_status
+    notifier = Notifier.from_env()  # sd_notify (Type=notify units); NOTIFY_SOCKET leaves the env
     make_nondumpable()
-    m = Mount(cfg)
+    metrics = None
+    if cfg.metrics:  # bound now, so a taken port fails the mount before any key is fetched
+        from .metrics import MetricsServer
+        metrics = MetricsServer(cfg.metrics)
+    notifier.status(f"authorising {count_tensor_files(cfg.src)} file(s) in {cfg.src} "
+                    f"(key provider {cfg.provider})...")
     try:
-        return mountd.serve(m.tree, cfg.mountpoint, foreground=True, direct_io=cfg.direct_io,
-                            allow_other=bool(cfg.allow_uids or cfg.allow_gids),
-                            fsname=f"ctfs:{os.path.abspath(cfg.src)}", on_ready=on_ready)
+        m = Mount(cfg)
+    except BaseException as e:
+        notifier.status(f"failed: {e}")
+        if metrics is not None:
+            metrics.close()
+        raise
+    notifier.status(f"mounting {len(m.tree.files)} file(s) at {cfg.mountpoint}...")
+    watcher = LockWatcher(notifier, m, metrics)
+    from .control import ControlServer
+    control = ControlServer(m, cfg.mountpoint)
+
+    def ready() -> None:
+        try:  # ctfs lock/unlock/status; serving goes on without it (logged)
+            control.start()
+        except (OSError, CtfsError) as e:
+            log.error("no control socket for %s (ctfs lock/unlock/status will not work): %s",
+                      cfg.mountpoint, e)
+        m.start_recheck()
+        if metrics is not None:
+            metrics.start(m.status)
+        if on_ready is not None:
+            on_ready()
+        notifier.ready(serving_status(m, metrics))  # READY=1 only now: the mount serves
+        watcher.start()
+
+    def stopped() -> None:
+        notifier.stopping(f"stopping: {cfg.mountpoint} unmounted")
+    rc = 1
+    try:
+        rc = mountd.serve(m.tree, cfg.mountpoint, foreground=True, direct_io=cfg.direct_io,
+                          allow_other=bool(cfg.allow_uids or cfg.allow_gids),
+                          fsname=f"ctfs:{os.path.abspath(cfg.src)}", on_ready=ready, on_stop=stopped)
+        return rc
     finally:
+        watcher.stop()
+        if notifier.ready_sent:
+            notifier.stopping("stopping")
+        elif rc:
+            notifier.status(f"failed: {getattr(mountd, '_LAST_ERROR', None) or 'mount failed'}")
+        if metrics is not None:
+            metrics.close()
+        control.stop()
         m.close()
 

@@ -617,3 +617,20 @@ def test_drop_source(data):
         assert read(c, a, "a", 0, 10) == data[:10]
         assert a.calls[0] == 2
         check_bound(c)
+
+
+def test_recycle_consumed_keeps_a_sequential_scan_in_a_few_hot_buffers():
+    data = rand_bytes(64 * 4096, seed=7)
+    for recycle, expect_peak in ((True, 4096), (False, 64 * 4096)):
+        src = FakeSource(data, 4096)
+        with ChunkCache(1 << 20, readahead=0, recycle_consumed=recycle) as c:
+            out = bytearray(2048)
+            got = bytearray()
+            for off in range(0, len(data), 2048):
+                n = c.read_into(src, "k", off, memoryview(out))
+                got += out[:n]
+            assert bytes(got) == data
+            assert c.stats()["peak_bytes_held"] == expect_peak
+            # a chunk read only partly (random access) is not recycled first
+            c.read_into(src, "k", 5 * 4096 + 10, memoryview(bytearray(100)))
+            assert ("k", 5) in c
