@@ -192,9 +192,8 @@ class CryptoFile:
                 owner.append(t)
                 index.append(i)
         self.segment_starts, self._seg_end, self._seg_owner, self._seg_index = starts, ends, owner, index
-        self.max_segment_size = max(
-            [t.seg_size for t in self._tensors.values() if t.kind != ENC_WHOLE] +
-            [aead.DEFAULT_CHUNK_SIZE])
+        sizes = [e - s for s, e, t in zip(starts, ends, owner) if t.kind != ENC_WHOLE]
+        self.max_segment_size = max(sizes) if sizes else aead.DEFAULT_CHUNK_SIZE
         self._scratch = _ScratchPool(self.max_segment_size + aead.TAG_LEN)
 
     # --- properties ------------------------------------------------------------------
