@@ -272,8 +272,8 @@ class CryptoFile:
     def _read_whole_v1(self, t: _Tensor, out: memoryview) -> None:
         n = t.info.nbytes
         opener = aead.stream_opener(self.alg, bytes(t.dek), t.nonce, t.tags)
-        step = 1 << 20
         buf = self._scratch.get()
+        step = len(buf) - 16
         try:
             mv = memoryview(buf)
             tmp = bytearray(step + 15)

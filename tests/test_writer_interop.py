@@ -154,3 +154,17 @@ def test_reference_written_file_reencrypted_by_ctfs_roundtrip(ref_vectors, tmp_p
     for k in ts:
         assert raw(back[k]) == raw(ts[k])
         assert hashlib.sha256(raw(back[k])).hexdigest() == hashlib.sha256(raw(ts[k])).hexdigest()
+
+
+@pytest.mark.parametrize("digests", [True, False])
+def test_v1_large_tensor_next_to_tiny_plain_ones(tmp_path, digests):
+    """v1 tensors are decrypted in pieces sized by the file's largest chunk, which tiny plain
+    tensors can make small."""
+    t = {"big": torch.randn(300000), "small": torch.arange(3)}
+    save_file(t, str(tmp_path / "p.safetensors"))
+    keys = KeySet.generate()
+    encrypt_file(str(tmp_path / "p.safetensors"), str(tmp_path / "e.safetensors"), keys,
+                 EncryptOptions(version=1, include=["big"], plain_digests=digests))
+    with CryptoFile(tmp_path / "e.safetensors", keys, allow_unverified_plain=not digests) as cf:
+        assert cf.max_segment_size == 24
+        assert bytes(cf.tensor_bytes("big")) == raw(t["big"])
