@@ -12,7 +12,19 @@ it and how bytes are produced. This module only translates FUSE callbacks:
   (``PyMemoryView_FromMemory``), so no bytes object is allocated per request;
 * ``open`` sets ``fi.keep_cache`` (page cache kept between opens, mmap works) or, in
   ``direct_io`` mode, ``fi.direct_io`` (MAP_PRIVATE still works; MAP_SHARED needs
-  FUSE_DIRECT_IO_ALLOW_MMAP, which libfuse 3.14 cannot negotiate -> ENODEV).
+  FUSE_DIRECT_IO_ALLOW_MMAP, which libfuse 3.14 cannot negotiate -> ENODEV);
+* :meth:`CtfsOperations.invalidate_kernel_cache` drops the kernel's cached pages of
+  files (used when a mount is locked: with keep_cache, cached pages would otherwise keep
+  being served without ever reaching the daemon). It calls libfuse's
+  ``fuse_invalidate_path`` (FUSE_NOTIFY_INVAL_INODE for the whole file: page cache
+  *and* mmapped pages, which are unmapped and fault back in through the daemon) with
+  the ``struct fuse *`` captured during ``init``. Fallback, when that is unusable: the
+  daemon opens each file through the mount itself and ``open`` answers without
+  FOPEN_KEEP_CACHE, which makes the kernel run ``invalidate_inode_pages2`` on the file,
+  then ``posix_fadvise(DONTNEED)``; this needs the daemon to reach its mountpoint.
+  Either way mapped pages are unmapped too (a later touch faults, the read is refused:
+  SIGBUS). Not recallable: bytes a process already copied into its own memory
+  (including written-to MAP_PRIVATE copies). fadvise alone would not drop mapped pages.
 
 Tree protocol (implemented by the core)::
 
@@ -38,6 +50,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from typing import Any, Callable, Optional
 
 log = logging.getLogger("ctfs.fuse")
@@ -203,6 +216,14 @@ class CtfsOperations(mfusepy.Operations):
         self.max_read_request = 0
         self.read_requests = 0
         self.conn_info: dict[str, int] = {}
+        # Kernel page-cache invalidation (see invalidate_kernel_cache).
+        self.mountpoint: Optional[str] = None   # set by mountd.serve (fallback needs it)
+        self.fuse_ptr: Optional[int] = None     # struct fuse *, valid from init to destroy
+        self._inval_lock = threading.Lock()
+        self._inval_tids: set[int] = set()      # daemon threads opening for invalidation
+        register = getattr(tree, "set_kernel_invalidator", None)
+        if register is not None:
+            register(self.invalidate_kernel_cache)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -232,6 +253,12 @@ class CtfsOperations(mfusepy.Operations):
                 config.use_ino = 0
         except Exception:  # noqa: BLE001
             log.exception("FUSE init tuning failed (continuing with defaults)")
+        try:  # libfuse sets the context (with our struct fuse *) around init
+            if os.environ.get("CTFS_KERNEL_INVALIDATE") != "open":  # "open": test the fallback
+                with self._inval_lock:
+                    self.fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse or None
+        except Exception:  # noqa: BLE001
+            log.exception("could not capture the libfuse handle (invalidation falls back)")
         if self.on_init is not None:
             try:
                 self.on_init()
@@ -239,6 +266,8 @@ class CtfsOperations(mfusepy.Operations):
                 log.exception("on_init callback failed")
 
     def destroy(self, path: str) -> None:
+        with self._inval_lock:  # struct fuse is freed after this returns
+            self.fuse_ptr = None
         log.debug("FUSE destroy (max read request %d bytes, %d reads)",
                   self.max_read_request, self.read_requests)
 
@@ -326,6 +355,13 @@ class CtfsOperations(mfusepy.Operations):
         if node.kind == "dir":
             raise FuseOSError(errno.EISDIR)
         uid, gid, pid = mfusepy.fuse_get_context()
+        if raw and pid in self._inval_tids and uid == os.geteuid():
+            # the daemon's own invalidation open (pid is the caller's thread id): no handle,
+            # no FOPEN_KEEP_CACHE, so the kernel drops the file's cached pages
+            fi.fh = 0
+            fi.direct_io = 0
+            fi.keep_cache = 0
+            return 0
         fh = int(self.tree.open(path, uid, gid, pid))
         if not raw:
             return fh
@@ -368,8 +404,81 @@ class CtfsOperations(mfusepy.Operations):
 
     @_guard
     def release(self, path: str, fh) -> int:
-        self.tree.release(_fh_of(fh))
+        if _fh_of(fh):
+            self.tree.release(_fh_of(fh))
         return 0
+
+    # -- kernel page cache -----------------------------------------------------------
+
+    def invalidate_kernel_cache(self, paths: list[str]) -> dict:
+        """Drop the kernel's cached pages (and mappings) of ``paths`` (tree paths).
+
+        Returns ``{"method", "files", "invalidated", "not_cached", "failed"}``. Call it
+        after the tree refuses reads, so that nothing can refill the cache.
+        """
+        res = {"method": "none", "files": len(paths), "invalidated": 0, "not_cached": 0,
+               "failed": 0}
+        left = list(paths)
+        with self._inval_lock:
+            fn = _invalidate_path_fn()
+            # The loop may have ended (unmounted) with destroy still to come: libfuse
+            # frees its node table first, so only touch struct fuse while mounted.
+            if self.fuse_ptr and fn is not None and self._still_mounted():
+                res["method"] = "fuse_invalidate_path"
+                left = []
+                for p in paths:
+                    rc = fn(ctypes.c_void_p(self.fuse_ptr), os.fsencode(p))
+                    if rc == 0:
+                        res["invalidated"] += 1
+                    elif rc == -errno.ENOENT:  # not known to the kernel: nothing cached
+                        res["not_cached"] += 1
+                    else:
+                        log.warning("fuse_invalidate_path(%s): %s", p, os.strerror(-rc))
+                        left.append(p)
+        if left:
+            if self.mountpoint is None:
+                res["failed"] += len(left)
+                log.error("cannot invalidate the kernel cache of %d file(s): no libfuse "
+                          "handle and no mountpoint", len(left))
+                return res
+            if res["method"] == "none":
+                res["method"] = "open"
+            else:
+                res["method"] += "+open"
+            for p in left:
+                ok = self._invalidate_by_open(p)
+                res["invalidated" if ok else "failed"] += 1
+        if res["failed"]:
+            log.error("kernel page cache of %d file(s) may still hold plaintext", res["failed"])
+        return res
+
+    def _still_mounted(self) -> bool:
+        if self.mountpoint is None:
+            return True
+        from .mountd import _find_mount
+        ent = _find_mount(self.mountpoint)
+        return ent is not None and ent.fstype.startswith("fuse")
+
+    def _invalidate_by_open(self, path: str) -> bool:
+        """Open ``path`` through the mount without keep_cache (the kernel invalidates the
+        file's pages, mmapped ones included), then fadvise(DONTNEED) what is left."""
+        full = os.path.join(self.mountpoint, path.lstrip("/"))
+        tid = threading.get_native_id()
+        self._inval_tids.add(tid)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            log.warning("invalidating %s by open failed: %s", full, e.strerror or e)
+            return False
+        finally:
+            self._inval_tids.discard(tid)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return True
 
     # No flush/fsync: libfuse answers ENOSYS once and the kernel stops sending FLUSH on
     # every close().
@@ -392,6 +501,22 @@ class CtfsOperations(mfusepy.Operations):
     setxattr = _erofs
     removexattr = _erofs
     fallocate = _erofs
+
+
+_INVALIDATE_PATH = []
+
+
+def _invalidate_path_fn():
+    """libfuse3's ``int fuse_invalidate_path(struct fuse *, const char *)`` or None."""
+    if not _INVALIDATE_PATH:
+        try:
+            fn = mfusepy._libfuse.fuse_invalidate_path
+            fn.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
+            fn.restype = ctypes.c_int
+        except AttributeError:
+            fn = None
+        _INVALIDATE_PATH.append(fn)
+    return _INVALIDATE_PATH[0]
 
 
 class CtfsFUSE(mfusepy.FUSE):

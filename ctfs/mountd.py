@@ -538,6 +538,7 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
                          max_background=FUSE_MAX_BACKGROUND,
                          congestion_threshold=FUSE_CONGESTION_THRESHOLD,
                          on_init=init_evt.set)
+    ops.mountpoint = mp  # kernel page-cache invalidation checks / falls back through it
     result: dict = {}
 
     def fuse_loop() -> None:

@@ -70,6 +70,9 @@ class MountTree:
         self._lock = threading.Lock()
         self.locked = False
         self.integrity_failures = 0
+        # set by the FUSE layer: drops the kernel's cached pages of the given paths
+        self._kernel_invalidator: Callable[[list[str]], dict] | None = None
+        self.last_invalidation: dict | None = None
         if not os.path.isdir(self.src):
             raise MountRefused(f"{src}: not a directory")
         self._build(keys)
@@ -202,9 +205,23 @@ class MountTree:
         return len(self._handles)
 
     # --- lifecycle -----------------------------------------------------------------
+    def set_kernel_invalidator(self, fn: Callable[[list[str]], dict] | None) -> None:
+        """Called by the FUSE layer with a function dropping the kernel's page cache."""
+        self._kernel_invalidator = fn
+
     def lock(self) -> None:
-        """Refuse further opens/reads and drop every key and cached plaintext."""
-        self.locked = True
+        """Refuse further opens/reads and drop every key and cached plaintext: our cache,
+        the data keys, and the kernel's cached pages of our files (with keep_cache they
+        would otherwise keep being served without a read ever reaching us)."""
+        self.locked = True  # first: nothing read from now on can refill the page cache
+        if self._kernel_invalidator is not None:
+            paths = [p for p, n in self._nodes.items() if n.kind == "file"]
+            try:
+                self.last_invalidation = self._kernel_invalidator(paths)
+            except Exception:  # noqa: BLE001 - locking must go on regardless
+                log.exception("kernel page cache invalidation failed")
+                self.last_invalidation = {"method": "error", "files": len(paths),
+                                          "invalidated": 0, "not_cached": 0, "failed": len(paths)}
         self.cache.wipe()
         for cf in self.files:
             cf.close()
