@@ -233,17 +233,106 @@ def _ids(values, kind: str) -> list[int]:
     return out
 
 
+def _stderr_is_journal() -> bool:
+    """True when stderr is the journald stream systemd connected ($JOURNAL_STREAM = dev:ino)."""
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return os.environ.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
+
+
+class _LogFormatter(logging.Formatter):
+    """One line per event: newlines folded, an exception as ``: Type: message`` (the
+    traceback only at debug level); under journald a ``<N>`` syslog priority prefix, which
+    journald strips and uses as the entry's priority (SyslogLevelPrefix=, on by default)."""
+
+    _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                 logging.CRITICAL: 2}
+
+    def __init__(self, fmt: str, *, tracebacks: bool, priority_prefix: bool):
+        super().__init__(fmt)
+        self.tracebacks = tracebacks
+        self.priority_prefix = priority_prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.tracebacks:
+            lines = super().format(record).splitlines() or [""]
+        else:
+            msg = record.getMessage()
+            exc = record.exc_info[1] if record.exc_info else None
+            if exc is not None:
+                msg = f"{msg}: {type(exc).__name__}: {exc}" if str(exc) else f"{msg}: {type(exc).__name__}"
+            rec = logging.makeLogRecord({**record.__dict__, "msg": msg, "args": None,
+                                         "exc_info": None, "exc_text": None, "stack_info": None})
+            lines = [" | ".join(ln.strip() for ln in super().format(rec).splitlines() if ln.strip())]
+        if self.priority_prefix:
+            prio = self._PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+            lines = [f"<{prio}>{ln}" for ln in lines]
+        return "\n".join(lines)
+
+
 def setup_logging(level: str) -> None:
     """One line per event; no timestamp under systemd (journald adds its own)."""
     under_journal = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
     fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, force=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormatter(fmt, tracebacks=level.lower() == "debug",
+                                       priority_prefix=_stderr_is_journal()))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+_VAULT_AUTH_OPTIONS = [
+    click.option("--vault-addr", help="Vault/OpenBao URL (default $VAULT_ADDR, $BAO_ADDR)."),
+    click.option("--vault-namespace", help="Vault namespace (default $VAULT_NAMESPACE, $BAO_NAMESPACE)."),
+    click.option("--vault-cacert", type=click.Path(dir_okay=False),
+                 help="CA bundle for the Vault server's TLS certificate (default $VAULT_CACERT)."),
+    click.option("--vault-skip-verify", is_flag=True,
+                 help="Do NOT verify the Vault server's TLS certificate (insecure; warned)."),
+    click.option("--vault-token-file", type=click.Path(dir_okay=False),
+                 help="Token file (Vault Agent sink), re-read at renewal/re-check; else $VAULT_TOKEN."),
+    click.option("--vault-token-credential", metavar="NAME",
+                 help="Vault token from systemd credential NAME ($CREDENTIALS_DIRECTORY)."),
+    click.option("--vault-role-id", help="AppRole role id (secret id from a file, credential or $VAULT_SECRET_ID)."),
+    click.option("--vault-secret-id-file", type=click.Path(dir_okay=False), help="AppRole secret id file."),
+    click.option("--vault-secret-id-credential", metavar="NAME",
+                 help="AppRole secret id from systemd credential NAME."),
+    click.option("--vault-approle-mount", help="AppRole auth mount path (default approle)."),
+]
+_VAULT_STORAGE_OPTIONS = [
+    click.option("--vault-kv-path", help="KV v2 secret holding the JWK set (or its Transit "
+                 "ciphertext), MOUNT/PATH, e.g. secret/ctfs/model-a."),
+    click.option("--vault-kv-mount", help="KV v2 mount, when --vault-kv-path is relative to it."),
+    click.option("--vault-kv-field", help="Field of the KV secret (default jwks; ciphertext for Transit)."),
+    click.option("--vault-transit-key", help="Transit key that decrypts the wrapped JWK set."),
+    click.option("--vault-transit-file", type=click.Path(dir_okay=False),
+                 help="Transit-wrapped JWK set written by `ctfs vault-wrap`."),
+    click.option("--vault-transit-mount", help="Transit mount path (default transit)."),
+]
+
+
+def _with_options(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _set_options(values: dict) -> dict:
+    """Only the options given on the command line (providers keep their own defaults)."""
+    return {k: v for k, v in values.items() if v not in (None, False)}
 
 
 @cli.command()
-@click.argument("src", type=click.Path())
-@click.argument("mountpoint")
+@click.argument("src", type=click.Path(), required=False)
+@click.argument("mountpoint", required=False)
+@click.option("--config", "config_file", metavar="FILE|NAME",
+              help="Mount configuration (TOML; NAME means /etc/ctfs/NAME.toml); flags given "
+                   "on the command line override it.")
+@click.option("--metrics", metavar="HOST:PORT",
+              help="Serve Prometheus metrics on this address only (needs prometheus-client).")
 @click.option("--key-provider", default="file", show_default=True,
               help="file, env, vault, systemd-creds, or a site provider (entry point ctfs.key_providers).")
 @click.option("--key-file", type=click.Path(), help="JWK set (file provider).")
@@ -262,23 +351,47 @@ def setup_logging(level: str) -> None:
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (systemd).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@click.option("--recheck", type=Duration(), default=None,
+              help="Re-check authorisation with the key provider this often (e.g. 60s); "
+                   "a denial locks the mount.")
+@click.option("--credential", metavar="NAME", help="systemd credential holding the JWK set "
+              "(systemd-creds provider; default ctfs-keys).")
+@_with_options(_VAULT_AUTH_OPTIONS + _VAULT_STORAGE_OPTIONS)
 def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, readahead, direct_io,
-          allow_plain, allow_unverified_plain, allow_uid, allow_gid, timeout, foreground, log_level):
+          allow_plain, allow_unverified_plain, allow_uid, allow_gid, timeout, foreground, log_level,
+          recheck=None, credential=None, config_file=None, metrics=None, **vault_options):
     """Mount the CryptoTensors directory SRC at MOUNTPOINT as plain safetensors files.
 
-    Returns once the mount is authorised and serving (or fails with the reason)."""
+    SRC and MOUNTPOINT may come from --config FILE instead. Returns once the mount is
+    authorised and serving (or fails with the reason)."""
+    import dataclasses
+
     from . import mountd
+    from .config import apply as apply_config
+    from .config import given_parameters, load as load_config
     from .mount import MountConfig, run
-    if not os.path.isdir(src):
-        raise CtfsError(f"{src}: not a directory")
-    cfg = MountConfig(src=os.path.abspath(src), mountpoint=os.path.abspath(mountpoint),
+    if (src is None) != (mountpoint is None):
+        raise click.UsageError("give both SRC and MOUNTPOINT, or neither (then --config gives them)")
+    cfg = MountConfig(src=src, mountpoint=mountpoint,
                       provider=key_provider,
-                      provider_options={"key_file": key_file, "insecure_perms": insecure_perms},
+                      provider_options={"key_file": key_file, "insecure_perms": insecure_perms,
+                                        **_set_options({"credential": credential, **vault_options})},
                       cache_size=cache_size, readahead=readahead, direct_io=direct_io,
                       allow_plain=allow_plain, allow_unverified_plain=allow_unverified_plain,
                       allow_uids=_ids(allow_uid, "uid"), allow_gids=_ids(allow_gid, "gid"),
-                      timeout=timeout, foreground=foreground)
-    setup_logging(log_level)
+                      timeout=timeout, recheck=recheck, foreground=foreground,
+                      metrics=metrics, log_level=log_level)
+    if config_file:
+        cfg = apply_config(cfg, load_config(config_file), given_parameters(click.get_current_context()))
+    if not cfg.src or not cfg.mountpoint:
+        raise click.UsageError("SRC and MOUNTPOINT are required (on the command line or in --config FILE)")
+    cfg = dataclasses.replace(cfg, src=os.path.abspath(cfg.src), mountpoint=os.path.abspath(cfg.mountpoint))
+    if not os.path.isdir(cfg.src):
+        raise CtfsError(f"{cfg.src}: not a directory")
+    if cfg.metrics:
+        from .metrics import parse_address
+        parse_address(cfg.metrics)
+    setup_logging(cfg.log_level)
 
     def daemon() -> int:
         try:
@@ -287,16 +400,26 @@ def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, r
             mountd.report_error(str(e))
             return 1
 
-    rc = daemon() if foreground else mountd.spawn_background(daemon, cfg.mountpoint, timeout=timeout + 60)
+    rc = daemon() if cfg.foreground else mountd.spawn_background(daemon, cfg.mountpoint,
+                                                                 timeout=cfg.timeout + 60)
     if rc:
         raise click.exceptions.Exit(rc)
 
 
 @cli.command()
-@click.argument("mountpoint")
-def umount(mountpoint):
+@click.argument("mountpoint", required=False)
+@click.option("--config", "config_file", metavar="FILE|NAME",
+              help="Unmount the mountpoint named in this mount configuration (systemd ExecStop=).")
+def umount(mountpoint, config_file):
     """Unmount MOUNTPOINT (also clears the mount of a daemon that died)."""
     from . import mountd
+    if mountpoint is None:
+        if not config_file:
+            raise click.UsageError("give MOUNTPOINT or --config FILE")
+        from .config import load as load_config
+        mountpoint = load_config(config_file).values.get("mountpoint")
+        if not mountpoint:
+            raise CtfsError(f"{config_file}: no mountpoint in the configuration")
     try:
         mountd.unmount(mountpoint)
     except mountd.MountError as e:
@@ -322,6 +445,87 @@ def rewrap(path, key_file, new_key_file, insecure_perms, kid, policy_file):
     modes = {m: sum(r["mode"] == m for r in results) for m in ("in-place", "copied", "unchanged")}
     click.echo(f"rewrapped {len(results)} file(s) to key {new.master[0].kid if len(new.master) == 1 else kid}: "
                + ", ".join(f"{v} {k}" for k, v in modes.items() if v), err=True)
+
+
+@cli.command("vault-wrap")
+@click.argument("keys", type=click.Path(dir_okay=False))
+@click.argument("out", required=False, type=click.Path(dir_okay=False))
+@click.option("--transit-key", "--vault-transit-key", "transit_key", required=True,
+              help="Transit key to encrypt with.")
+@click.option("--transit-mount", "--vault-transit-mount", "transit_mount", default="transit",
+              show_default=True)
+@click.option("--kv-path", help="Also/instead store the wrapped set in this KV v2 secret (MOUNT/PATH).")
+@click.option("--kv-field", default="ciphertext", show_default=True, help="Field for --kv-path.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@_with_options(_VAULT_AUTH_OPTIONS)
+def vault_wrap(keys, out, transit_key, transit_mount, kv_path, kv_field, force, **vault_options):
+    """Encrypt the JWK set KEYS with a Vault/OpenBao Transit key into OUT (mode 0600).
+
+    Mount it with --key-provider vault --vault-transit-file OUT --vault-transit-key NAME
+    (or --vault-kv-path when stored with --kv-path): the master key then never rests in
+    plaintext and every unlock is in Vault's audit log."""
+    from .providers.vault import VaultProvider, wrap_file
+    if not out and not kv_path:
+        raise click.UsageError("give OUT and/or --kv-path")
+    if out and os.path.exists(out) and not force:
+        raise CtfsError(f"{out} exists (use --force to overwrite it)")
+    provider = VaultProvider(require_storage=False, **_set_options(vault_options))
+    try:
+        if out:
+            doc = wrap_file(provider, keys, out, transit_key, transit_mount, force=force)
+        else:
+            from .keys import KeySet
+            ks = KeySet.load(keys)
+            try:
+                doc = provider.wrap(json.dumps(ks.to_jwks()).encode(), transit_key, transit_mount)
+            finally:
+                ks.wipe()
+        if kv_path:
+            provider.store_kv(doc, kv_path, kv_field)
+    finally:
+        provider.close()
+    click.echo(f"wrapped {keys} with Transit key {transit_key!r}"
+               + (f" into {out}" if out else "") + (f" and {kv_path}#{kv_field}" if kv_path else ""),
+               err=True)
+
+
+# --- lock / unlock / status (through the daemon's control socket) -----------------------
+@cli.command()
+@click.argument("mountpoint")
+def lock(mountpoint):
+    """Drop every key and all plaintext of MOUNTPOINT now (cache, data keys, kernel page
+    cache); opens and reads fail with EACCES until `ctfs unlock`."""
+    from .control import request
+    resp = request(mountpoint, "lock")
+    inv = resp.get("invalidation") or {}
+    if resp.get("already"):
+        click.echo(f"{mountpoint}: already locked", err=True)
+    else:
+        click.echo(f"{mountpoint}: locked; keys and plaintext dropped"
+                   + (f" (kernel cache of {inv.get('files', 0)} file(s) invalidated via "
+                      f"{inv.get('method')})" if inv else ""), err=True)
+        if inv.get("failed"):
+            raise CtfsError(f"{mountpoint}: locked, but the kernel page cache of "
+                            f"{inv['failed']} file(s) could not be invalidated")
+
+
+@cli.command()
+@click.argument("mountpoint")
+def unlock(mountpoint):
+    """Re-authorise MOUNTPOINT through its key provider after `ctfs lock`."""
+    from .control import request
+    resp = request(mountpoint, "unlock")
+    click.echo(f"{mountpoint}: {'not locked' if resp.get('already') else 'unlocked'}", err=True)
+
+
+@cli.command()
+@click.argument("mountpoint")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(mountpoint, as_json):
+    """Files, key ids, lock state, cache and decryption statistics of MOUNTPOINT."""
+    from .control import format_status, request
+    st = request(mountpoint, "status")["status"]
+    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
 
 
 def main(argv=None) -> int:

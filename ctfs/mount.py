@@ -171,6 +171,7 @@ class Mount:
     def _recheck_loop(self) -> None:
         from .providers import ProviderDenied, ProviderUnavailable
         interval = max(0.1, float(self.cfg.recheck))
+        unreachable = False
         while not self._recheck_stop.wait(interval):
             if self.locked:
                 continue  # nothing to protect; an explicit unlock re-authorises
@@ -180,10 +181,17 @@ class Mount:
                 if not self._recheck_stop.is_set():
                     self.lock(f"key provider {self.provider.name} denied access: {e}")
             except ProviderUnavailable as e:
-                log.warning("key provider %s unreachable on re-check (%s); still serving",
-                            self.provider.name, e)
+                # warn once per outage, then quietly keep trying
+                log.log(logging.DEBUG if unreachable else logging.WARNING,
+                        "key provider %s unreachable on re-check (%s); still serving",
+                        self.provider.name, e)
+                unreachable = True
             except Exception as e:  # noqa: BLE001 - keep re-checking
                 log.warning("key provider %s re-check failed: %s", self.provider.name, e)
+            else:
+                if unreachable:
+                    log.info("key provider %s reachable again; access re-confirmed", self.provider.name)
+                unreachable = False
 
     def close(self) -> None:
         self._recheck_stop.set()
