@@ -31,6 +31,36 @@ class ProviderUnavailable(ProviderError):
     """The key service could not be reached: keep serving, retry later."""
 
 
+def _scrub_initial_environ(names: set[str]) -> None:
+    """Zero ``NAME=value`` entries of ``names`` in this process's initial environment block
+    (what ``/proc/<pid>/environ`` shows: unsetenv() alone leaves the strings there)."""
+    import ctypes
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50, 51)
+        if not 0 < start < end or end - start > 1 << 24:
+            return
+        block = ctypes.string_at(start, end - start)
+    except (OSError, ValueError, IndexError):
+        return
+    pos = 0
+    for entry in block.split(b"\0"):
+        name = entry.partition(b"=")[0]
+        if b"=" in entry and name.decode("utf-8", "replace") in names:
+            value_at = start + pos + len(name) + 1
+            ctypes.memset(value_at, 0, len(entry) - len(name) - 1)
+        pos += len(entry) + 1
+
+
+def forget_env(*names: str) -> dict[str, str]:
+    """Remove ``names`` from the environment (children never inherit them, and
+    ``/proc/self/environ`` no longer shows them); returns the values that were set."""
+    found = {n: os.environ.pop(n) for n in names if n in os.environ}
+    _scrub_initial_environ(set(names))
+    return found
+
+
 class KeyProvider(Protocol):
     name: str
 
@@ -63,7 +93,7 @@ class EnvProvider:
     variable = "CRYPTOTENSOR_KEYS"
 
     def __init__(self, **_: Any):
-        self._value = os.environ.pop(self.variable, None)
+        self._value = forget_env(self.variable).get(self.variable)
 
     def load(self) -> KeySet:
         if not self._value:
