@@ -426,20 +426,39 @@ def umount(mountpoint, config_file):
         raise CtfsError(str(e)) from None
 
 
+def _provider_keys(key_file, config_file, insecure_perms, which: str):
+    """Keys from a JWK file, or from the key provider a mount config file names."""
+    if bool(key_file) == bool(config_file):
+        raise click.UsageError(f"give exactly one of --{which}key-file and --{which}key-config")
+    if key_file:
+        return _load_keys(key_file, insecure_perms)
+    from .config import load as load_config
+    from .providers import get_provider
+    fc = load_config(config_file)
+    provider = get_provider(fc.provider or "file", **fc.provider_options)
+    try:
+        return provider.load()
+    finally:
+        if hasattr(provider, "close"):
+            provider.close()
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
-@click.option("--key-file", required=True, type=click.Path(), help="The current JWK set.")
-@click.option("--new-key-file", required=True, type=click.Path(), help="The JWK set to rotate to.")
+@click.option("--key-file", type=click.Path(), help="The current JWK set.")
+@click.option("--key-config", type=click.Path(), help="...or the mount config whose [provider] gives it (vault, systemd-creds…).")
+@click.option("--new-key-file", type=click.Path(), help="The JWK set to rotate to.")
+@click.option("--new-key-config", type=click.Path(), help="...or a config whose [provider] gives it.")
 @click.option("--insecure-perms", is_flag=True)
 @click.option("--kid", help="Use the new master key with this kid.")
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), help="Also replace the embedded policy.")
-def rewrap(path, key_file, new_key_file, insecure_perms, kid, policy_file):
+def rewrap(path, key_file, key_config, new_key_file, new_key_config, insecure_perms, kid, policy_file):
     """Rotate the master key of PATH (a file or model directory): re-wrap every data key and
     re-sign each header; tensor bytes are not rewritten."""
     from .rewrap import rewrap_path
     from .writer import EncryptOptions
-    old = _load_keys(key_file, insecure_perms)
-    new = _load_keys(new_key_file, insecure_perms)
+    old = _provider_keys(key_file, key_config, insecure_perms, "")
+    new = _provider_keys(new_key_file, new_key_config, insecure_perms, "new-")
     policy = open(policy_file, encoding="utf-8").read() if policy_file else None
     results = rewrap_path(path, old, new, opts=EncryptOptions(kid=kid), policy=policy)
     modes = {m: sum(r["mode"] == m for r in results) for m in ("in-place", "copied", "unchanged")}

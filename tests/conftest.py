@@ -33,3 +33,7 @@ def jwk_pair(keyset):
     """(oct JWK, okp JWK) dicts of a KeySet, for the reference wheel's config."""
     keys = keyset.to_jwks()["keys"]
     return ([k for k in keys if k["kty"] == "oct"][0], [k for k in keys if k["kty"] == "okp"][0])
+
+
+# The OpenBao fixtures live here so every module shares one session server.
+from openbao import openbao_factory, openbao_server  # noqa: E402,F401

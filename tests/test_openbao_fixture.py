@@ -9,7 +9,7 @@ import pytest
 hvac = pytest.importorskip("hvac")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from openbao import OpenBao, openbao_factory, openbao_server  # noqa: E402,F401 (fixtures)
+from openbao import OpenBao  # noqa: E402  (fixtures come from conftest: one server per session)
 
 
 def _alive(pid: int) -> bool:

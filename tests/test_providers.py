@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("hvac")
 
-from openbao import OpenBao, openbao_factory, openbao_server  # noqa: E402,F401 (fixtures)
+from openbao import OpenBao  # noqa: E402  (fixtures come from conftest: one server per session)
 
 from ctfs.errors import CtfsError  # noqa: E402
 from ctfs.keys import KeySet  # noqa: E402

@@ -119,3 +119,22 @@ def test_rewrap_refuses_other_algorithm(enc):
     from ctfs.writer import EncryptError
     with pytest.raises(EncryptError, match="cannot change the algorithm"):
         rewrap_file(str(d / "e.safetensors"), old, KeySet.generate("chacha20poly1305"))
+
+
+def test_cli_rewrap_with_keys_from_vault(enc, tmp_path, openbao_server, monkeypatch):
+    """Provider variant: the new key set comes from OpenBao KV v2 through a mount config."""
+    import json
+    d, ts, old = enc
+    new = KeySet.generate(name="from-vault")
+    client = openbao_server.client()
+    client.secrets.kv.v2.create_or_update_secret(path="ctfs/rot", mount_point="secret",
+                                                 secret={"jwks": json.dumps(new.to_jwks())})
+    conf = tmp_path / "new.toml"
+    conf.write_text(f'[provider]\nname = "vault"\nvault_addr = "{openbao_server.addr}"\n'
+                    f'vault_kv_path = "secret/ctfs/rot"\n')
+    env = {**os.environ, "VAULT_TOKEN": openbao_server.root_token}
+    old_f = write_keys(old, tmp_path / "old.jwk")
+    p = ctfs("rewrap", d / "e.safetensors", "--key-file", old_f, "--new-key-config", conf, env=env)
+    assert "1 in-place" in p.stderr
+    with CryptoFile(d / "e.safetensors", new) as cf:
+        assert cf.crypto.enc.kid == "from-vault-enc"

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("hvac")
 
-from openbao import OpenBao, openbao_factory, openbao_server  # noqa: E402,F401 (fixtures)
+from openbao import OpenBao  # noqa: E402  (fixtures come from conftest: one server per session)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from ctfs.header import read_header_path  # noqa: E402

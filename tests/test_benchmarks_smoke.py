@@ -1,0 +1,83 @@
+"""Smoke test of the benchmark harness: ``python -m benchmarks --quick`` runs every section
+end to end (real mounts, gocryptfs when installed, the reference wheel, transformers) and
+writes results.json and results.md."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SECTIONS = ("serialise", "load", "fs", "frameworks")
+
+
+def medians(node, path=""):
+    """Every (path, median) of the figures under node."""
+    if isinstance(node, dict):
+        if "median" in node and "runs" in node:
+            yield path, node["median"]
+            return
+        for k, v in node.items():
+            yield from medians(v, f"{path}/{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from medians(v, f"{path}[{i}]")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_benchmark_run(tmp_path):
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out),
+                        "--workdir", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert p.returncode == 0, f"benchmarks failed ({p.returncode}):\n{p.stderr[-6000:]}"
+    # progress on stderr, one line per step
+    assert p.stderr.count("[bench") >= 20, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert not res["errors"], res["errors"]
+    m = res["machine"]
+    for key in ("cpu_model", "logical_cpus", "ram_bytes", "kernel", "versions"):
+        assert m.get(key), key
+    assert m["versions"]["ctfs"] and m["versions"]["cryptotensors"]
+    for section in SECTIONS:
+        sec = res["sections"].get(section)
+        assert isinstance(sec, dict) and "error" not in json.dumps(list(sec)), (section, sec)
+        figs = list(medians(sec))
+        numeric = [(p_, v) for p_, v in figs if isinstance(v, (int, float)) and math.isfinite(v)]
+        assert numeric, f"no numeric figures in {section}: {figs}"
+        for p_, v in numeric:
+            assert v >= 0, (section, p_, v)
+    # every figure is the median of --repeat (3) runs
+    ser = res["sections"]["serialise"]["tiny"]["variants"]
+    for name in ("st_np", "st_pt", "ref_enc_np", "ref_enc_pt", "ctfs_encrypt"):
+        assert len(ser[name]["time_s"]["runs"]) == 3, name
+        assert ser[name]["peak_rss"]["median"] > 0, name
+    load = res["sections"]["load"]["tiny"]["variants"]
+    for name in ("st_np", "st_pt", "ref_np", "ref_pt", "ctfs_api", "mount_cold", "mount_warm"):
+        assert load[name]["time_s"]["median"] > 0, name
+    assert load["mount_cold"]["daemon_peak_rss"]["median"] > 0
+    fs = res["sections"]["fs"]["fs"]
+    for mode in ("seq_cold", "seq_warm", "rand_cold"):
+        assert fs["ctfs"]["read_gbps"][mode]["median"] > 0, mode
+    assert fs["ctfs"]["daemon_cpu_s_per_gb"]["seq_cold"]["median"] > 0
+    assert fs["plain"]["read_gbps"]["seq_warm"]["median"] > 0
+    tf = res["sections"]["frameworks"]["transformers"]["variants"]
+    assert tf["plain"]["time_s"]["median"] > 0 and tf["mount_cold"]["time_s"]["median"] > 0
+    goals = {g["goal"] for g in res["goals"]}
+    assert any("ctfs encrypt peak RSS" in g for g in goals)
+    assert any("transformers" in g for g in goals)
+    md = (out / "results.md").read_text()
+    assert "| goal | measured | target | result |" in md
+    assert "## Serialisation" in md and "## Filesystem throughput" in md and "paper" in md
+    assert "PASS" in md or "FAIL" in md
+    # nothing left behind: no mounts under the work directory, work directory removed
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path) not in f.read()
+    assert not [d for d in os.listdir(tmp_path) if d.startswith("ctfs-bench-")]
