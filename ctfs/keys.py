@@ -26,9 +26,12 @@ def b64d(value, what: str, *, exc=KeyFileError) -> bytes:
     if not isinstance(value, str):
         raise exc(f"{what} must be a base64 string")
     try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError) as e:
         raise exc(f"{what} is not valid standard base64: {e}") from None
+    if base64.b64encode(raw).decode("ascii") != value:  # non-zero trailing bits: one spelling only
+        raise exc(f"{what} is not canonical standard base64")
+    return raw
 
 
 def b64e(data: bytes) -> str:
@@ -137,7 +140,7 @@ class KeySet:
     def from_json(cls, text: str | bytes, source: str = "caller") -> "KeySet":
         try:
             doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise KeyFileError(f"{source}: not a JSON key set ({e.__class__.__name__})") from None
         return cls.from_jwks(doc, source)
 

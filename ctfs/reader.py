@@ -273,6 +273,9 @@ class CryptoFile:
         n = t.info.nbytes
         opener = aead.stream_opener(self.alg, bytes(t.dek), t.nonce, t.tags)
         buf = self._scratch.get()
+        if len(buf) < (1 << 20) + 16:  # the pool is sized by the file's chunks, maybe tiny
+            self._scratch.put(buf)
+            buf = bytearray(max(1, min(n, 1 << 20)) + 16)
         step = len(buf) - 16
         try:
             mv = memoryview(buf)
