@@ -70,3 +70,31 @@ def write_keys(keyset, path) -> str:
     with os.fdopen(fd, "w") as f:
         json.dump(keyset.to_jwks(), f)
     return str(path)
+
+
+@contextlib.contextmanager
+def foreground_daemon(args, log_path, env=None, prefix=()):
+    """``ctfs mount ARGS --foreground --log-level debug`` with stderr in ``log_path``; yields
+    the process once the mount is up, and always unmounts and reaps it."""
+    mnt = args[1]
+    os.makedirs(mnt, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*prefix, *CTFS, "mount", *map(str, args), "--foreground", "--log-level", "debug"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not is_mounted(mnt):
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited {proc.returncode}:\n{open(log_path).read()}")
+            assert time.monotonic() < deadline, "mount not ready"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if is_mounted(mnt):
+            ctfs("umount", mnt, check=False)
+        force_unmount(mnt)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -19,7 +19,6 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors
 import torch
@@ -281,7 +280,7 @@ def test_keygen_console_script(tmp_path):
 def test_encrypt_single_file(tmp_path, plain, keyfile, keys):
     dst = tmp_path / "out.safetensors"
     r = ok(run_cli("encrypt", plain, dst, "--key-file", keyfile))
-    assert f"encrypted 1 file(s)" in r.err and "(v2, aes256gcm, key k1-enc)" in r.err
+    assert "encrypted 1 file(s)" in r.err and "(v2, aes256gcm, key k1-enc)" in r.err
     assert rel_files(tmp_path) == ["out.safetensors"]  # no temp file left behind
     _, hdr = raw_header(dst)
     meta = hdr["__metadata__"]

@@ -25,7 +25,7 @@ from ctfs.keys import KeySet
 from ctfs.reader import CryptoFile
 from ctfs.view import PlainView
 from ctfs.writer import EncryptOptions, encrypt_file
-from mounting import CTFS, ctfs, daemon_process, force_unmount, is_mounted, mounted, write_keys
+from mounting import ctfs, daemon_process, force_unmount, foreground_daemon, is_mounted, mounted, write_keys
 
 MiB = 1 << 20
 CHUNK = 64 * 1024
@@ -246,32 +246,6 @@ def test_disk_full_during_encrypt(models, tmp_path, small_tmpfs, what):
 
 
 # --- the key service stopped mid-run and restarted ----------------------------------------------------
-
-@contextlib.contextmanager
-def foreground_daemon(args, log_path, env):
-    mnt = args[1]
-    os.makedirs(mnt, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*CTFS, "mount", *map(str, args), "--foreground", "--log-level", "debug"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while not is_mounted(mnt):
-            if proc.poll() is not None:
-                raise AssertionError(f"daemon exited {proc.returncode}:\n{open(log_path).read()}")
-            assert time.monotonic() < deadline, "mount not ready"
-            time.sleep(0.05)
-        yield proc
-    finally:
-        if is_mounted(mnt):
-            ctfs("umount", mnt, check=False)
-        force_unmount(mnt)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
 
 CONTINUOUS = r"""
 import hashlib, json, os, sys, time

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from ctfs.keys import KeySet
 from ctfs.writer import EncryptOptions
 from ctfs.modeldir import encrypt_path
-from mounting import CTFS, ctfs, daemon_process, force_unmount, is_mounted, mounted, write_keys
+from mounting import ctfs, daemon_process, foreground_daemon, is_mounted, mounted, write_keys
 
 MiB = 1 << 20
 NAME = "model.safetensors"
@@ -65,33 +65,6 @@ def assert_clean(text: str | bytes, secrets: list[str], where: str) -> None:
     assert not found, f"key material (forms {found}) in {where}"
 
 
-@contextlib.contextmanager
-def foreground(args, log_path, env=None, prefix=()):
-    """``ctfs mount ... --foreground --log-level debug`` with stderr in ``log_path``."""
-    mnt = args[1]
-    os.makedirs(mnt, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*prefix, *CTFS, "mount", *map(str, args), "--foreground", "--log-level", "debug"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while not is_mounted(mnt):
-            if proc.poll() is not None:
-                raise AssertionError(f"daemon exited {proc.returncode}:\n{open(log_path).read()}")
-            assert time.monotonic() < deadline, "mount not ready"
-            time.sleep(0.05)
-        yield proc
-    finally:
-        if is_mounted(mnt):
-            ctfs("umount", mnt, check=False)
-        force_unmount(mnt)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def read_all(mnt) -> None:
     for dp, _, fs in os.walk(mnt):
         for f in fs:
@@ -111,7 +84,7 @@ def test_env_provider_keys_absent_from_ps_environ_and_debug_log(model, tmp_path,
     log = tmp_path / "daemon.log"
     secrets = model["secrets"] + [model["jwks"]]
     if how == "foreground":
-        cm = foreground([model["enc"], mnt, "--key-provider", "env"], log, env=env)
+        cm = foreground_daemon([model["enc"], mnt, "--key-provider", "env"], log, env=env)
     else:
         @contextlib.contextmanager
         def background():
@@ -259,7 +232,7 @@ def test_no_mlock_allowance_warns_and_still_serves(model, tmp_path):
     log = tmp_path / "daemon.log"
     mnt = tmp_path / "mnt"
     prefix = ["setpriv", "--bounding-set=-ipc_lock", "prlimit", "--memlock=0"]
-    with foreground([model["enc"], mnt, "--key-file", model["key_file"]], log, prefix=prefix) as proc:
+    with foreground_daemon([model["enc"], mnt, "--key-file", model["key_file"]], log, prefix=prefix) as proc:
         got = load_file(str(mnt / NAME))
         for name, t in model["tensors"].items():
             np.testing.assert_array_equal(got[name], t)

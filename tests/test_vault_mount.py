@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import textwrap
 import time
 import uuid
@@ -28,7 +27,7 @@ from ctfs.header import read_header_path  # noqa: E402
 from ctfs.keys import KeySet  # noqa: E402
 from ctfs.modeldir import encrypt_path  # noqa: E402
 from ctfs.writer import EncryptOptions  # noqa: E402
-from mounting import CTFS, ctfs, daemon_process, force_unmount, is_mounted, write_keys  # noqa: E402
+from mounting import ctfs, daemon_process, force_unmount, foreground_daemon, is_mounted, write_keys  # noqa: E402
 
 SHARD = "model.safetensors"
 
@@ -102,31 +101,6 @@ def mounted(src, mnt, *args, env):
         yield str(mnt)
     finally:
         _unmount(mnt)
-
-
-@contextlib.contextmanager
-def foreground(src, mnt, log_path, *args, env):
-    """A ``--foreground --log-level debug`` daemon with its log in ``log_path``."""
-    os.makedirs(mnt, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*CTFS, "mount", str(src), str(mnt), "--foreground",
-                                 "--log-level", "debug", *map(str, args)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mnt):
-            if proc.poll() is not None:
-                raise AssertionError(f"daemon exited {proc.returncode}:\n{open(log_path).read()}")
-            assert time.monotonic() < deadline, "mount not ready"
-            time.sleep(0.05)
-        yield proc
-    finally:
-        _unmount(mnt)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _unmount(mnt) -> None:
@@ -273,8 +247,8 @@ def test_recheck_locks_when_token_revoked(model, openbao_server, tmp_path):
     env = base_env(VAULT_ADDR=openbao_server.addr, VAULT_TOKEN=token)
     log = tmp_path / "daemon.log"
     mnt = tmp_path / "mnt"
-    with foreground(model["enc"], mnt, log, "--key-provider", "vault", "--vault-kv-path", path,
-                    "--recheck", "1s", env=env) as proc:
+    with foreground_daemon([model["enc"], mnt, "--key-provider", "vault", "--vault-kv-path", path,
+                            "--recheck", "1s"], log, env=env) as proc:
         view = mnt / SHARD
         assert_serves_plaintext(model, mnt)
         assert_no_secrets_in_process(proc.pid, token)
@@ -305,8 +279,8 @@ def test_server_stopped_after_mount_keeps_serving(model, openbao_factory, tmp_pa
     log = tmp_path / "daemon.log"
     mnt = tmp_path / "mnt"
     env = base_env(VAULT_ADDR=server.addr, VAULT_TOKEN=token)
-    with foreground(model["enc"], mnt, log, "--key-provider", "vault", "--vault-kv-path", path,
-                    "--recheck", "0.3s", env=env):
+    with foreground_daemon([model["enc"], mnt, "--key-provider", "vault", "--vault-kv-path", path,
+                            "--recheck", "0.3s"], log, env=env):
         server.stop()
         deadline = time.monotonic() + 10
         while "unreachable on re-check" not in log.read_text():

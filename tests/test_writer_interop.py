@@ -8,7 +8,6 @@ import itertools
 import json
 
 import cryptotensors
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
