@@ -1,0 +1,3 @@
+"""Side-by-side benchmarks: what encryption costs, and how ctfs compares.
+
+Run ``python -m benchmarks`` (see benchmarks/README.md)."""

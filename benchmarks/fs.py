@@ -1,0 +1,129 @@
+"""Filesystem throughput of the same plaintext file: plain ext4 (or whatever holds the
+work directory), a ctfs mount of its encrypted copy, and gocryptfs ``-kernel_cache``.
+
+Per run and per filesystem:
+
+* ``seq_truly_cold``: unmount, drop every cache (``echo 3 > /proc/sys/vm/drop_caches``),
+  mount, read sequentially;
+* ``seq_cold``: unmount (the FUSE page cache goes with the mount), re-read the backing
+  (encrypted) files so they sit in the host page cache, mount, read sequentially;
+* ``seq_warm``: read again at once (FUSE page cache kept);
+* ``rand_cold`` / ``rand_warm``: the same two for every 1 MiB block in a random order.
+
+The plain file has no "cold" state distinct from truly cold (its page cache is its only
+cache): it gets ``seq_truly_cold``, ``seq_warm``, ``rand_truly_cold``, ``rand_warm``.
+Reads use one reused 1 MiB buffer (``readv``/``preadv``). Throughput in GB/s (1e9 B/s).
+Daemon CPU: user+system seconds of the daemon process during the read, per GB read.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from .models import make_blob
+from .mounts import CtfsMount, GocryptfsMount
+from .util import GB, Samples, drop_caches, files_under, fmt_bytes, log, rand_read, seq_read, warm
+
+NAME = "model.safetensors"
+
+
+def prepare(ctx, size: int) -> dict:
+    d = os.path.join(ctx.workdir, "fs")
+    plain_dir, enc_dir = os.path.join(d, "plain"), os.path.join(d, "enc")
+    os.makedirs(plain_dir, exist_ok=True)
+    log(f"fs: writing a {fmt_bytes(size)} plaintext file")
+    nbytes = make_blob(os.path.join(plain_dir, NAME), size)
+    log("fs: ctfs encrypt")
+    subprocess.run([ctx.python, "-m", "ctfs.cli", "encrypt", plain_dir, enc_dir, "--key-file", ctx.key_file,
+                    "--quiet", "--force"], check=True, env=ctx.env)
+    out = {"plain": os.path.join(plain_dir, NAME), "enc": enc_dir, "bytes": nbytes,
+           "file_bytes": os.path.getsize(os.path.join(plain_dir, NAME))}
+    if GocryptfsMount.available():
+        log("fs: gocryptfs -init and copy the plaintext in")
+        gc = os.path.join(d, "gocryptfs")
+        pw = os.path.join(d, "gocryptfs.pass")
+        with open(os.open(pw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write("ctfs-benchmark\n")
+        GocryptfsMount.init(gc, pw)
+        with GocryptfsMount(gc, os.path.join(d, "mnt-gocryptfs"), pw) as m:
+            shutil.copyfile(out["plain"], os.path.join(m.mnt, NAME))
+            os.sync()
+        out.update(gocryptfs=gc, gocryptfs_pass=pw)
+    return out
+
+
+def run(ctx, size: int) -> dict:
+    p = prepare(ctx, size)
+    fsd = os.path.join(ctx.workdir, "fs")
+    mounts = {"ctfs": CtfsMount(p["enc"], os.path.join(fsd, "mnt-ctfs"), ctx.key_file)}
+    backing = {"ctfs": files_under(p["enc"])}
+    if "gocryptfs" in p:
+        mounts["gocryptfs"] = GocryptfsMount(p["gocryptfs"], os.path.join(fsd, "mnt-gocryptfs"), p["gocryptfs_pass"])
+        backing["gocryptfs"] = files_under(p["gocryptfs"])
+    speed, cpu, dpeak = {k: Samples() for k in ("plain", *mounts)}, {k: Samples() for k in mounts}, \
+        {k: Samples() for k in mounts}
+    kinds = ["plain", *mounts]
+    try:
+        for rep in range(ctx.repeat):
+            order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+            for kind in order:
+                if kind == "plain":
+                    _plain(ctx, p["plain"], speed["plain"], rep)
+                else:
+                    _fuse(ctx, kind, mounts[kind], backing[kind], speed[kind], cpu[kind], dpeak[kind], rep)
+    finally:
+        for m in mounts.values():
+            m.unmount()
+    out = {"file_bytes": p["file_bytes"], "tensor_bytes": p["bytes"], "unit": "GB/s", "fs": {}}
+    for kind in kinds:
+        e = {"read_gbps": speed[kind].figures()}
+        if kind in cpu:
+            e["daemon_cpu_s_per_gb"] = cpu[kind].figures()
+            e["daemon_peak_rss"] = dpeak[kind].figures()
+        out["fs"][kind] = e
+    if "gocryptfs" not in mounts:
+        out["fs"]["gocryptfs"] = {"skipped": "gocryptfs not installed"}
+    return out
+
+
+def _plain(ctx, path, sp, rep):
+    for mode, reader in (("seq", seq_read), ("rand", rand_read)):
+        if ctx.drop_ok:
+            drop_caches()
+            n, dt = reader(path)
+            sp.add(f"{mode}_truly_cold", n / dt / GB)
+        else:
+            warm(path)
+        n, dt = reader(path)
+        sp.add(f"{mode}_warm", n / dt / GB)
+    log(f"fs plain run {rep + 1}/{ctx.repeat}: " + _last(sp))
+
+
+def _fuse(ctx, kind, m, backing, sp, cpu, dpeak, rep):
+    f = os.path.join(m.mnt, NAME)
+    steps = [("seq_cold", seq_read, "cold"), ("seq_warm", seq_read, None),
+             ("rand_cold", rand_read, "cold"), ("rand_warm", rand_read, None)]
+    if ctx.drop_ok:
+        steps.insert(0, ("seq_truly_cold", seq_read, "truly"))
+    for name, reader, fresh in steps:
+        if fresh == "truly":
+            m.unmount()
+            drop_caches()
+            m.mount()
+        elif fresh == "cold":
+            m.unmount()
+            warm(backing)
+            m.mount()
+        c0 = m.cpu_s()
+        n, dt = reader(f)
+        c = m.cpu_s() - c0
+        sp.add(name, n / dt / GB)
+        cpu.add(name, c / (n / GB))
+        dpeak.add(name, m.peak_rss())
+    m.unmount()
+    log(f"fs {kind} run {rep + 1}/{ctx.repeat}: " + _last(sp) + f"; daemon CPU {_last(cpu, 's/GB')}")
+
+
+def _last(s: Samples, unit: str = "GB/s") -> str:
+    return ", ".join(f"{k} {v[-1]:.2f}" for k, v in s.items()) + f" {unit}"
