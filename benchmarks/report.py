@@ -180,8 +180,10 @@ def markdown(results: dict) -> str:
     if "load" in S:
         L += ["## Deserialisation (load every tensor)", "",
               "Every tensor of every shard loaded and kept (like a model load), one byte per 4 KiB page "
-              "touched (safetensors maps files lazily). numpy variants read an F16-labelled copy "
-              "(numpy has no bfloat16; same bytes).", ""]
+              "touched (safetensors maps files lazily). safetensors torch `load_file` maps the file: on a "
+              "cached plaintext it maps page-cache pages without copying, so it is a lower bound no "
+              "decrypting loader can approach; safetensors numpy `load_file` copies. numpy variants read "
+              "an F16-labelled copy (numpy has no bfloat16; same bytes).", ""]
         for size, sec in S["load"].items():
             L += _err(sec) or _load_table(size, sec)
     if "fs" in S:

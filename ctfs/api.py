@@ -38,22 +38,29 @@ def _framework(name: str) -> str:
     raise ValueError(f"framework must be 'pt' or 'np', not {name!r}")
 
 
-def _to_tensor(framework: str, dtype: str, shape: tuple[int, ...], data: bytearray, device: str):
+THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _read_tensor(file: CryptoFile, framework: str, dtype: str, shape: tuple[int, ...], start: int,
+                 nbytes: int, device: str):
+    """Decrypt bytes [start, start+nbytes) straight into a fresh array of the framework."""
     if framework == "np":
         import numpy as np
         if dtype not in _NP:
             raise UnsupportedDtypeError(f"numpy has no dtype for {dtype}; use framework='pt'")
-        return np.frombuffer(data, dtype=np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape)
+        raw = np.empty(nbytes, dtype=np.uint8)
+        file.read_into(start, raw, threads=THREADS)
+        return raw.view(np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape)
     import torch
     if dtype not in _PT or not hasattr(torch, _PT[dtype]):
         raise UnsupportedDtypeError(f"this torch has no dtype for {dtype}")
     tdt = getattr(torch, _PT[dtype])
     if dtype == "F4":  # two 4-bit values per element, as safetensors does
         shape = shape[:-1] + (shape[-1] // 2,)
-    if not data:
-        t = torch.empty(shape, dtype=tdt)
-    else:
-        t = torch.frombuffer(data, dtype=tdt).reshape(shape)
+    raw = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        file.read_into(start, raw.numpy(), threads=THREADS)
+    t = raw.view(tdt).reshape(shape)
     return t if device == "cpu" else t.to(device)
 
 
@@ -87,8 +94,8 @@ class _Slice:
                 else:
                     lo, hi = min(r), max(r) + 1
                     rest = (slice(r.start - lo, (r.stop - lo) if r.stop >= 0 else None, r.step),) + idx[1:]
-            data = self._owner._file.read_data(info.start + lo * row, (hi - lo) * row)
-            part = _to_tensor(self._owner._framework, info.dtype, (hi - lo,) + shape[1:], data, "cpu")
+            part = _read_tensor(self._owner._file, self._owner._framework, info.dtype,
+                                (hi - lo,) + shape[1:], info.start + lo * row, (hi - lo) * row, "cpu")
             out = part[rest]
         else:
             out = self._owner.get_tensor(self._name)[index]
@@ -124,8 +131,8 @@ class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
 
     def get_tensor(self, name: str):
         info = self._file.tensors[name]
-        return _to_tensor(self._framework, info.dtype, info.shape,
-                          self._file.read_data(info.start, info.nbytes), self._device)
+        return _read_tensor(self._file, self._framework, info.dtype, info.shape, info.start,
+                            info.nbytes, self._device)
 
     def get_slice(self, name: str) -> _Slice:
         if name not in self._file.tensors:

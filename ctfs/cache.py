@@ -77,19 +77,21 @@ class SegmentSource(Protocol):
 
 _libc: Any = None
 _libc_loaded = False
+_libc_lock = threading.Lock()
 
 
 def _get_libc() -> Any:
     global _libc, _libc_loaded
-    if not _libc_loaded:
-        _libc_loaded = True
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-            lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            lib.mlock.restype = ctypes.c_int
-            _libc = lib
-        except Exception:  # pragma: no cover - exotic platforms
-            _libc = None
+    with _libc_lock:  # concurrent first calls must all see the loaded library
+        if not _libc_loaded:
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+                lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+                lib.mlock.restype = ctypes.c_int
+                _libc = lib
+            except Exception:  # pragma: no cover - exotic platforms
+                _libc = None
+            _libc_loaded = True
     return _libc
 
 
@@ -167,7 +169,7 @@ _DROPPED = 3
 class _Chunk:
     __slots__ = (
         "key", "index", "buf", "size", "state", "pins", "event", "error",
-        "from_ra", "ra_pending", "doomed", "transient", "consumed",
+        "from_ra", "ra_pending", "doomed", "transient", "consumed", "served",
     )
 
     def __init__(self, key: tuple, index: int, size: int) -> None:
@@ -181,6 +183,7 @@ class _Chunk:
         self.error: BaseException | None = None
         self.from_ra = False
         self.consumed = False
+        self.served = 0  # bytes copied out so far (consumed once it covers the chunk)
         self.ra_pending = False
         self.doomed = False
         self.transient = False
@@ -332,8 +335,8 @@ class ChunkCache:
                 b = min(end, e) - s
                 dst = pos - offset
                 out[dst:dst + (b - a)] = ch.buf.mv[a:b]  # type: ignore[union-attr]
-                if self._recycle and b == e - s:
-                    self._mark_consumed(ch)
+                if self._recycle:
+                    self._mark_served(ch, b - a)
             finally:
                 self._unpin(ch)
             pos = s + b
@@ -685,9 +688,13 @@ class ChunkCache:
                 self._map.move_to_end(ch.key)
             ch.event.set()
 
-    def _mark_consumed(self, ch: _Chunk) -> None:
+    def _mark_served(self, ch: _Chunk, n: int) -> None:
+        """Count bytes copied out; a chunk whose every byte has been served (as many bytes
+        as it holds) goes to the eviction end of the LRU."""
         with self._lock:
-            if ch.state == _READY and self._map.get(ch.key) is ch:
+            ch.served += n
+            if not ch.consumed and ch.served >= ch.size and ch.state == _READY \
+                    and self._map.get(ch.key) is ch:
                 ch.consumed = True
                 self._map.move_to_end(ch.key, last=False)
 
@@ -768,6 +775,9 @@ class ChunkCache:
                 self._queued.discard(key)
                 if task.gen != self._gen or key in self._map:
                     continue
+                seq = self._seq.get(task.skey)
+                if seq is not None and task.index <= seq[1]:
+                    continue  # the reader already went past it: decrypting it is wasted work
                 src = task.source
                 try:
                     start = src.segment_starts[task.index]

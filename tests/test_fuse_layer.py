@@ -12,7 +12,6 @@ import hashlib
 import mmap
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -160,12 +159,8 @@ if __name__ == "__main__":
 
 from ctfs import mountd  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse missing"),
-    pytest.mark.skipif(shutil.which("fusermount3") is None, reason="fusermount3 missing"),
-    pytest.mark.timeout(120),
-]
-np = pytest.importorskip("numpy")
+pytestmark = [pytest.mark.timeout(120)]
+import numpy as np  # noqa: E402
 
 
 class Daemon:
@@ -393,10 +388,9 @@ def test_mmap_shared(mounted, files):
 
 
 def test_safetensors_safe_open(mounted, files):
-    safetensors = pytest.importorskip("safetensors")
+    import safetensors
     mp, _ = mounted
-    if "/sub/model.safetensors" not in files:
-        pytest.skip("safetensors not importable in the daemon")
+    assert "/sub/model.safetensors" in files
     with safetensors.safe_open(str(mp / "sub" / "model.safetensors"), framework="numpy") as f:
         w = f.get_tensor("w")
         b = f.get_tensor("b")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-hvac = pytest.importorskip("hvac")
+import hvac  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from openbao import OpenBao  # noqa: E402  (fixtures come from conftest: one server per session)

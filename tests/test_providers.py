@@ -16,7 +16,6 @@ import uuid
 
 import pytest
 
-pytest.importorskip("hvac")
 
 from openbao import OpenBao  # noqa: E402  (fixtures come from conftest: one server per session)
 

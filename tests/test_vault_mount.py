@@ -18,7 +18,6 @@ import uuid
 import numpy as np
 import pytest
 
-pytest.importorskip("hvac")
 
 from openbao import OpenBao  # noqa: E402  (fixtures come from conftest: one server per session)
 from safetensors.numpy import load_file, save_file  # noqa: E402
