@@ -107,8 +107,10 @@ class Mount:
         from .providers import get_provider
         self.cfg = cfg
         self.provider = get_provider(cfg.provider, **cfg.provider_options)
+        # A recycled buffer is overwritten by the next chunk's plaintext at once (its unused
+        # tail zeroed), so zeroing it first as well would only cost CPU.
         self.cache = ChunkCache(cfg.cache_size, readahead=cfg.readahead,
-                                recycle_consumed=not cfg.direct_io)
+                                recycle_consumed=not cfg.direct_io, zero_reused=cfg.direct_io)
         self.tree = self._authorise()
         self.started = time.time()
         self.locked_reason: str | None = None
