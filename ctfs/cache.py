@@ -358,15 +358,7 @@ class ChunkCache:
             self._queued.clear()
             self._seq.clear()
             for ch in list(self._map.values()):
-                ch.doomed = True
-                if ch.state == _READY and ch.pins == 0:
-                    buf = ch.buf
-                    ch.buf = None
-                    ch.state = _DROPPED
-                    if buf is not None:
-                        self._recycle_locked(buf)
-                else:
-                    self._doomed.add(ch)
+                self._drop_locked(ch)
             self._map.clear()
             for lst in self._free.values():
                 for b in lst:
@@ -386,22 +378,22 @@ class ChunkCache:
                 self._release_free_locked()
             return not self._doomed
 
+    def _drop_locked(self, ch: _Chunk) -> None:
+        """Zero and release an idle chunk now; a busy one as soon as its users are done."""
+        ch.doomed = True
+        if ch.state == _READY and ch.pins == 0:
+            buf, ch.buf, ch.state = ch.buf, None, _DROPPED
+            if buf is not None:
+                self._recycle_locked(buf)
+        else:
+            self._doomed.add(ch)
+
     def drop_source(self, source_key: Hashable) -> None:
         """Zero and drop all idle chunks of one source (e.g. file replaced)."""
         with self._lock:
             self._seq.pop(source_key, None)
             for key in [k for k in self._map if k[0] == source_key]:
-                ch = self._map[key]
-                ch.doomed = True
-                del self._map[key]
-                if ch.state == _READY and ch.pins == 0:
-                    buf = ch.buf
-                    ch.buf = None
-                    ch.state = _DROPPED
-                    if buf is not None:
-                        self._recycle_locked(buf)
-                else:
-                    self._doomed.add(ch)
+                self._drop_locked(self._map.pop(key))
             if self._queue:
                 keep = [t for t in self._queue if t.skey != source_key]
                 self._queue.clear()

@@ -190,18 +190,13 @@ class FileConfig:
 
 def provider_option_names(name: str) -> set[str] | None:
     """The option keys provider ``name`` takes (None: it takes any keyword)."""
-    import importlib
-
-    from .providers import available
-    target = available().get(name)
-    if target is None:
-        raise ConfigError(f"unknown key provider {name!r} (available: {', '.join(sorted(available()))})")
-    module, _, attr = target.partition(":")
+    from .providers import ProviderError, provider_class
     try:
-        cls = getattr(importlib.import_module(module), attr)
-        params = inspect.signature(cls).parameters.values()
-    except (ImportError, AttributeError, TypeError, ValueError) as e:
-        raise ConfigError(f"key provider {name!r} cannot be loaded: {e}") from None
+        params = inspect.signature(provider_class(name)).parameters.values()
+    except ProviderError as e:
+        raise ConfigError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"key provider {name!r} cannot be inspected: {e}") from None
     named = {p.name for p in params
              if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
     if not named and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):

@@ -120,15 +120,19 @@ def available() -> dict[str, str]:
     return found
 
 
-def get_provider(name: str, **options: Any):
-    """Instantiate provider ``name`` with the given options."""
+def provider_class(name: str) -> type:
+    """The class of provider ``name`` (entry point or built-in)."""
     target = available().get(name)
     if target is None:
         raise ProviderError(f"unknown key provider {name!r} (available: {', '.join(sorted(available()))})")
     module, _, attr = target.partition(":")
     import importlib
     try:
-        cls = getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ProviderError(f"key provider {name!r} cannot be loaded: {e}") from None
-    return cls(**options)
+
+
+def get_provider(name: str, **options: Any):
+    """Instantiate provider ``name`` with the given options."""
+    return provider_class(name)(**options)
