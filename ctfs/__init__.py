@@ -11,4 +11,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import CtfsError  # noqa: F401
+_EXPORTS = {
+    "safe_open": "ctfs.api", "load_file": "ctfs.api", "KeySet": "ctfs.keys",
+    "encrypt_path": "ctfs.modeldir", "EncryptOptions": "ctfs.writer", "CryptoFile": "ctfs.reader",
+    "CtfsError": "ctfs.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Lazy exports: ``import ctfs`` stays cheap for the CLI and the daemon."""
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ctfs' has no attribute {name!r}")

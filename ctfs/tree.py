@@ -20,11 +20,11 @@ from .cryptometa import ENCRYPTION
 from .errors import CtfsError, IntegrityError
 from .header import read_header
 from .keys import KeySet
+from .modeldir import TENSOR_SUFFIXES
 from .reader import CryptoFile
 from .view import PlainView
 
 log = logging.getLogger("ctfs.tree")
-TENSOR_SUFFIXES = (".safetensors", ".cryptotensors")
 
 
 class MountRefused(CtfsError):

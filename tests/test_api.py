@@ -89,3 +89,11 @@ def test_plain_file_needs_opt_in(enc):
         api.safe_open(d / "p.safetensors", keys=keys)
     with api.safe_open(d / "p.safetensors", "pt", require_encrypted=False) as f:
         assert torch.equal(f.get_tensor("w"), ts["w"])
+
+
+def test_top_level_exports(enc):
+    import ctfs
+    d, keys, ts = enc
+    assert ctfs.KeySet is KeySet and ctfs.safe_open is api.safe_open
+    with ctfs.safe_open(d / "e2.safetensors", "pt", keys=keys) as f:
+        assert torch.equal(f.get_tensor("w"), ts["w"])
