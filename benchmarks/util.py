@@ -181,42 +181,31 @@ def files_under(d: str) -> list[str]:
 
 # --- readers --------------------------------------------------------------------------------
 
-def seq_read(path: str, bs: int = MiB) -> tuple[int, float]:
-    """Sequential read with a reused BS buffer: (bytes, seconds)."""
-    buf = bytearray(bs)
-    mv = memoryview(buf)
+def _timed_reads(path: str, offsets, bs: int) -> tuple[int, float]:
+    """pread BS bytes at each offset into one reused buffer: (bytes, seconds)."""
+    mv = memoryview(bytearray(bs))
     n = 0
     fd = os.open(path, os.O_RDONLY)
     try:
         t0 = time.perf_counter()
-        while True:
-            k = os.readv(fd, [mv])
-            if not k:
-                break
-            n += k
-        dt = time.perf_counter() - t0
-    finally:
-        os.close(fd)
-    return n, dt
-
-
-def rand_read(path: str, bs: int = MiB, seed: int = 0) -> tuple[int, float]:
-    """Every BS-aligned block of PATH once, in a random order: (bytes, seconds)."""
-    size = os.path.getsize(path)
-    offs = list(range(0, size, bs))
-    random.Random(seed).shuffle(offs)
-    buf = bytearray(bs)
-    mv = memoryview(buf)
-    n = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        t0 = time.perf_counter()
-        for off in offs:
+        for off in offsets:
             n += os.preadv(fd, [mv], off)
         dt = time.perf_counter() - t0
     finally:
         os.close(fd)
     return n, dt
+
+
+def seq_read(path: str, bs: int = MiB) -> tuple[int, float]:
+    """Sequential read with a reused BS buffer: (bytes, seconds)."""
+    return _timed_reads(path, range(0, os.path.getsize(path), bs), bs)
+
+
+def rand_read(path: str, bs: int = MiB, seed: int = 0) -> tuple[int, float]:
+    """Every BS-aligned block of PATH once, in a random order: (bytes, seconds)."""
+    offs = list(range(0, os.path.getsize(path), bs))
+    random.Random(seed).shuffle(offs)
+    return _timed_reads(path, offs, bs)
 
 
 def vm_hwm(pid: int) -> int | None:
