@@ -215,22 +215,12 @@ def verify(path, key_file, insecure_perms, allow_unverified_plain):
 
 # --- mount / umount ------------------------------------------------------------------
 def _ids(values, kind: str) -> list[int]:
-    import grp
-    import pwd
-    out = []
-    for v in values:
-        for item in str(v).split(","):
-            item = item.strip()
-            if not item:
-                continue
-            if item.isdigit():
-                out.append(int(item))
-                continue
-            try:
-                out.append(pwd.getpwnam(item).pw_uid if kind == "uid" else grp.getgrnam(item).gr_gid)
-            except KeyError:
-                raise click.BadParameter(f"no such {'user' if kind == 'uid' else 'group'}: {item}") from None
-    return out
+    from .config import resolve_ids
+    what = "user" if kind == "uid" else "group"
+    try:
+        return resolve_ids([str(v) for v in values], what)
+    except LookupError as e:
+        raise click.BadParameter(f"no such {what}: {e.args[0]}") from None
 
 
 def _stderr_is_journal() -> bool:

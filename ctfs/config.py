@@ -108,27 +108,37 @@ def _duration(v, where):
         raise ConfigError(f"{where}: {getattr(e, 'message', e)}") from None
 
 
+def resolve_ids(items, kind: str) -> list[int]:
+    """Numbers and names (also comma-separated) of users or groups (``kind``) as ids;
+    raises LookupError(name) for an unknown name."""
+    import grp
+    import pwd
+    out = []
+    for item in items:
+        for part in (str(item).split(",") if isinstance(item, str) else [item]):
+            part = part.strip() if isinstance(part, str) else part
+            if part == "":
+                continue
+            if isinstance(part, int) or part.isdigit():
+                out.append(int(part))
+                continue
+            try:
+                out.append(pwd.getpwnam(part).pw_uid if kind == "user" else grp.getgrnam(part).gr_gid)
+            except KeyError:
+                raise LookupError(part) from None
+    return out
+
+
 def _ids(kind: str) -> Callable:
     def check(v, where):
-        import grp
-        import pwd
         items = v if isinstance(v, list) else [v]
-        out = []
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (int, str)):
                 raise ConfigError(f"{where} must list {kind} names or numbers, not {_typename(item)}")
-            for part in (str(item).split(",") if isinstance(item, str) else [item]):
-                part = part.strip() if isinstance(part, str) else part
-                if part == "":
-                    continue
-                if isinstance(part, int) or part.isdigit():
-                    out.append(int(part))
-                    continue
-                try:
-                    out.append(pwd.getpwnam(part).pw_uid if kind == "user" else grp.getgrnam(part).gr_gid)
-                except KeyError:
-                    raise ConfigError(f"{where}: no such {kind}: {part}") from None
-        return out
+        try:
+            return resolve_ids(items, kind)
+        except LookupError as e:
+            raise ConfigError(f"{where}: no such {kind}: {e.args[0]}") from None
     return check
 
 

@@ -101,24 +101,13 @@ def _make_runtime_dir(mountpoint) -> str:
 
 
 # --- mountinfo ------------------------------------------------------------------------
-def _mount_entry(mp: str) -> dict | None:
-    """{fstype, source, options} of the topmost mount at ``mp`` (absolute) or None."""
-    from .mountd import _unescape
-    found = None
+def _mount_entry(mp: str):
+    """The topmost mount at ``mp`` (absolute), or None."""
+    from .mountd import _find_mount
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                parts = line.split()
-                try:
-                    sep = parts.index("-", 6)
-                except ValueError:
-                    continue
-                if _unescape(parts[4]) == mp and len(parts) > sep + 3:
-                    found = {"fstype": parts[sep + 1], "source": _unescape(parts[sep + 2]),
-                             "options": parts[sep + 3]}
+        return _find_mount(mp)
     except OSError:
         return None
-    return found
 
 
 def _candidates(mp: str) -> tuple[list[str], int | None]:
@@ -126,7 +115,7 @@ def _candidates(mp: str) -> tuple[list[str], int | None]:
     ent = _mount_entry(mp)
     owner = None
     if ent:
-        for opt in ent["options"].split(","):
+        for opt in ent.options.split(","):
             if opt.startswith("user_id="):
                 try:
                     owner = int(opt[len("user_id="):])
@@ -155,8 +144,8 @@ def request(mountpoint, cmd: str, *, timeout: float | None = None, check: bool =
     ent = _mount_entry(mp)
     if ent is None:
         raise ControlError(f"{mp} is not mounted")
-    if not (ent["fstype"] == "fuse.ctfs" or ent["source"].startswith("ctfs:")):
-        raise ControlError(f"{mp} is not a ctfs mount (type {ent['fstype']})")
+    if not (ent.fstype == "fuse.ctfs" or ent.source.startswith("ctfs:")):
+        raise ControlError(f"{mp} is not a ctfs mount (type {ent.fstype})")
     paths, owner = _candidates(mp)
     last: OSError | None = None
     for path in paths:

@@ -10,7 +10,7 @@ import secrets
 import shutil
 from typing import Callable, Iterator
 
-from .cryptometa import ENCRYPTION, PLAIN_DIGESTS, RESERVED_KEYS, parse_crypto_keys
+from .cryptometa import CRYPTO_KEYS, ENCRYPTION, PLAIN_DIGESTS, POLICY, RESERVED_KEYS, parse_crypto_keys
 from .errors import CtfsError
 from .header import read_header_path
 from .keys import KeySet
@@ -130,8 +130,7 @@ def inspect_file(path: str, keys: KeySet | None = None) -> dict:
             enc_names = set(json.loads(meta[ENCRYPTION]))
         except (ValueError, TypeError):
             enc_names = set()
-        ck = parse_crypto_keys(meta.get("__crypto_keys__", "null")) if "__crypto_keys__" in meta \
-            else None
+        ck = parse_crypto_keys(meta[CRYPTO_KEYS]) if CRYPTO_KEYS in meta else None
         if ck:
             info.update(version=ck.version, algorithm=ck.enc.alg, chunk_size=ck.chunk_size,
                         enc_kid=ck.enc.kid, sign_kid=ck.sign.kid)
@@ -139,7 +138,7 @@ def inspect_file(path: str, keys: KeySet | None = None) -> dict:
                 info["jku_ignored"] = [j for j in (ck.enc.jku, ck.sign.jku) if j]
         from .policy import parse_policy_field
         try:
-            info["policy"] = parse_policy_field(meta["__policy__"]) if "__policy__" in meta else None
+            info["policy"] = parse_policy_field(meta[POLICY]) if POLICY in meta else None
         except CtfsError as e:
             info["policy"] = f"invalid: {e}"
         info["plain_digests"] = PLAIN_DIGESTS in meta

@@ -61,6 +61,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    options: str = ""  # super options, e.g. "rw,user_id=0,group_id=0"
 
 
 def _unescape(field: str) -> str:
@@ -86,7 +87,7 @@ def _mounts() -> list[MountEntry]:
                 sep = parts.index("-", 6)
                 entries.append(MountEntry(
                     int(parts[0]), parts[2], _unescape(parts[4]),
-                    parts[sep + 1], _unescape(parts[sep + 2]),
+                    parts[sep + 1], _unescape(parts[sep + 2]), parts[sep + 3],
                 ))
             except (ValueError, IndexError):
                 continue

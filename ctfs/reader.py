@@ -314,7 +314,9 @@ class CryptoFile:
         (uncached; nothing is zero-filled first). Whole segments are decrypted in place,
         on ``threads`` threads when there are many (AEAD calls release the GIL).
         Returns the count; raises IntegrityError on any failure."""
-        out = memoryview(out).cast("B") if memoryview(out).format != "B" else memoryview(out)
+        out = memoryview(out)
+        if out.format != "B":
+            out = out.cast("B")
         length = max(0, min(len(out), self.data_len - offset))
         if not length:
             return 0

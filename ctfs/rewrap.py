@@ -23,7 +23,7 @@ from .header import canonical_signed_message, read_header_path, serialize_header
 from .keys import KeySet
 from .reader import CryptoFile
 from .signing import sign
-from .writer import EncryptError, EncryptOptions, _sign_kid_for, choose_master
+from .writer import EncryptError, EncryptOptions, _sign_kid_for, choose_master, fsync_dir
 
 log = logging.getLogger("ctfs.rewrap")
 
@@ -53,14 +53,6 @@ def _overwrite_header(path: str, header: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.pwrite(fd, header, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -116,10 +108,10 @@ def rewrap_file(path: str, old_keys: KeySet, new_keys: KeySet, *, opts: EncryptO
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(path)
+        fsync_dir(path)
         _overwrite_header(path, header)
         os.unlink(j)
-        _fsync_dir(path)
+        fsync_dir(path)
         return {"file": path, "mode": "in-place"}
     _copy_with_header(path, body, n)
     return {"file": path, "mode": "copied"}
@@ -145,7 +137,7 @@ def _copy_with_header(path: str, header: bytes, old_n: int) -> None:
             os.close(dst)
         os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
-        _fsync_dir(path)
+        fsync_dir(path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

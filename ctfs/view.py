@@ -33,7 +33,6 @@ class PlainView:
             if cache is not None:
                 got = cache.read_into(self.file, key, data_off, out[pos:n])
             else:
-                got = len(plain := self.file.read_data(data_off, n - pos))
-                out[pos:pos + got] = plain
+                got = self.file.read_into(data_off, out[pos:n])
             pos += got
         return pos

@@ -98,6 +98,15 @@ def spread_empty_tensors(layout: list[TensorInfo]) -> list[TensorInfo]:
     return sorted_tensors(out)
 
 
+def fsync_dir(path: str) -> None:
+    """fsync the directory holding ``path`` (makes a create/rename durable)."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Output:
     """A temporary file next to ``dst`` that becomes ``dst`` only on commit."""
 
@@ -114,11 +123,7 @@ class _Output:
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp, self.dst)
-        dfd = os.open(os.path.dirname(os.path.abspath(self.dst)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.dst)
 
     def abort(self) -> None:
         if self.fd >= 0:

@@ -65,6 +65,18 @@ def mounted(src, mnt, key_file, *extra, env=None):
             raise AssertionError(f"ctfs umount {mnt} failed (a test kept files open?): {error}")
 
 
+def scrape_metrics(url) -> dict[str, float]:
+    """A Prometheus text page as {"name{labels}": value}."""
+    import urllib.request
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    out = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def write_keys(keyset, path) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

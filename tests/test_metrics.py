@@ -17,7 +17,7 @@ from ctfs.keys import KeySet
 from ctfs.metrics import MetricsError, MetricsServer, MountCollector, parse_address
 from ctfs.modeldir import encrypt_path
 from ctfs.writer import EncryptOptions
-from mounting import ctfs, daemon_process, mounted, write_keys
+from mounting import ctfs, daemon_process, mounted, scrape_metrics, write_keys
 
 STATUS = {
     "mountpoint": "/mnt/m", "source": "/srv/enc", "provider": "file", "pid": 1, "started": 1700000000.5,
@@ -27,16 +27,6 @@ STATUS = {
               "hits": 30, "misses": 10, "hit_ratio": 0.75, "evictions": 5, "bytes_decrypted": 4096,
               "decrypt_seconds": 0.25, "readahead_issued": 7, "readahead_hits": 6, "readahead_dropped": 1},
 }
-
-
-def scrape(url) -> dict[str, float]:
-    body = urllib.request.urlopen(url, timeout=10).read().decode()
-    out = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 @pytest.mark.parametrize("text, want", [
@@ -58,7 +48,7 @@ def test_endpoint_serves_status_values_on_the_given_address_only():
     try:
         assert srv.address[0] == "127.0.0.1" and srv.httpd.socket.getsockname()[0] == "127.0.0.1"
         srv.start(lambda: STATUS)
-        m = scrape(srv.url)
+        m = scrape_metrics(srv.url)
     finally:
         srv.close()
     assert m["ctfs_up"] == 1 and m["ctfs_files"] == 2 and m["ctfs_locked"] == 1
@@ -106,12 +96,12 @@ def test_mount_metrics_after_reads(tmp_path):
     url = f"http://127.0.0.1:{port}/metrics"
     with mounted(tmp_path / "enc", tmp_path / "mnt", kf, "--metrics", f"127.0.0.1:{port}",
                  "--cache-size", "4MiB") as mnt:
-        before = scrape(url)
+        before = scrape_metrics(url)
         assert before["ctfs_bytes_decrypted_total"] == 0 and before["ctfs_files"] == 1
         with open(os.path.join(mnt, "model.safetensors"), "rb") as f:
             while f.read(1 << 20):
                 pass
-        m = scrape(url)
+        m = scrape_metrics(url)
         assert m["ctfs_bytes_decrypted_total"] >= 512 * 256 * 4
         assert m["ctfs_cache_misses_total"] > 0 and m["ctfs_decrypt_seconds_total"] > 0
         assert m["ctfs_cache_capacity_bytes"] == 4 << 20 and m["ctfs_locked"] == 0

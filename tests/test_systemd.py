@@ -29,7 +29,7 @@ from ctfs.keys import KeySet
 from ctfs.modeldir import encrypt_path
 from ctfs.notify import Notifier, socket_address
 from ctfs.writer import EncryptOptions
-from mounting import force_unmount, is_mounted
+from mounting import force_unmount, is_mounted, scrape_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -315,14 +315,7 @@ def start_unit(model, tmp_path, listener, metrics_port=None, stderr=None):
 
 
 def scrape(port) -> dict[str, float]:
-    import urllib.request
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return scrape_metrics(f"http://127.0.0.1:{port}/metrics")
 
 
 def wait_status(listener, prefix, after=None, timeout=10.0) -> None:
