@@ -1,5 +1,7 @@
 """Filesystem throughput of the same plaintext file: plain ext4 (or whatever holds the
-work directory), a ctfs mount of its encrypted copy, and gocryptfs ``-kernel_cache``.
+work directory), a ctfs mount of its encrypted copy, and gocryptfs ``-kernel_cache``; plus
+``fuse_floor`` (:mod:`benchmarks.fuse_floor`): ctfs's FUSE layer serving the same number of
+bytes from memory, without decryption or cache, the CPU floor of a read through it.
 
 Per run and per filesystem:
 
@@ -22,7 +24,7 @@ import shutil
 import subprocess
 
 from .models import make_blob
-from .mounts import CtfsMount, GocryptfsMount
+from .mounts import CtfsMount, FloorMount, GocryptfsMount
 from .util import GB, Samples, drop_caches, files_under, fmt_bytes, log, rand_read, seq_read, warm
 
 NAME = "model.safetensors"
@@ -61,6 +63,8 @@ def run(ctx, size: int) -> dict:
     if "gocryptfs" in p:
         mounts["gocryptfs"] = GocryptfsMount(p["gocryptfs"], os.path.join(fsd, "mnt-gocryptfs"), p["gocryptfs_pass"])
         backing["gocryptfs"] = files_under(p["gocryptfs"])
+    mounts["fuse_floor"] = FloorMount(os.path.join(fsd, "mnt-floor"), p["file_bytes"])
+    backing["fuse_floor"] = []
     speed, cpu, dpeak = {k: Samples() for k in ("plain", *mounts)}, {k: Samples() for k in mounts}, \
         {k: Samples() for k in mounts}
     kinds = ["plain", *mounts]

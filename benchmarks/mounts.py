@@ -140,6 +140,40 @@ class CtfsMount(Mount):
                        env=child_env(), timeout=60)
 
 
+class FloorMount(Mount):
+    """``benchmarks.fuse_floor``: ctfs's FUSE layer serving SIZE bytes from memory (no
+    decryption, no cache, no source): the CPU floor of the FUSE read path."""
+    kind = "fuse_floor"
+
+    def __init__(self, mnt, size):
+        super().__init__(mnt, mnt)
+        self.size = int(size)
+        self._proc: subprocess.Popen | None = None
+
+    def _mount(self):
+        self._proc = subprocess.Popen([sys.executable, "-m", "benchmarks.fuse_floor", self.mnt, str(self.size)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      env=child_env())
+        deadline = time.monotonic() + 60
+        while not is_mounted(self.mnt):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"fuse_floor exited ({self._proc.returncode}): {self._proc.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                break  # Mount.mount raises
+            time.sleep(0.02)
+
+    def _unmount(self):
+        subprocess.run(["fusermount3", "-u", self.mnt], capture_output=True, timeout=60)
+        if self._proc is not None:
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc.stderr.close()
+            self._proc = None
+
+
 class GocryptfsMount(Mount):
     """gocryptfs with ``-kernel_cache`` (the peer that also keeps plaintext in the page cache)."""
     kind = "gocryptfs"

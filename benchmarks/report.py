@@ -71,8 +71,11 @@ def goals(results: dict) -> list[dict]:
             add(f"fs {label} read: ctfs / gocryptfs", _ratio(a, b), ">=", target,
                 f"{a and round(a, 2)} vs {b and round(b, 2)} GB/s")
         a, b = med(c["daemon_cpu_s_per_gb"].get("seq_cold")), med(g["daemon_cpu_s_per_gb"].get("seq_cold"))
+        floor = med(fs.get("fuse_floor", {}).get("daemon_cpu_s_per_gb", {}).get("seq_cold"))
         add("daemon CPU per GB (cold read): ctfs / gocryptfs", _ratio(a, b), "<=", 0.5,
-            f"{a and round(a, 3)} vs {b and round(b, 3)} CPU-s/GB")
+            f"{a and round(a, 3)} vs {b and round(b, 3)} CPU-s/GB"
+            + (f"; FUSE layer alone (no decryption): {round(floor, 3)} = {_fmt_x(_ratio(floor, b))}"
+               if floor is not None else ""))
     for size, sec in S.get("load", {}).items():
         v = sec.get("variants", {})
         ref = med(v.get("ref_pt", {}).get("time_s"))
@@ -286,6 +289,10 @@ def _fs_table(sec):
         cpu = e.get("daemon_cpu_s_per_gb", {}).get("seq_cold")
         L.append(f"| {kind} | " + " | ".join(cells) + f" | {_fmt_s(cpu) if cpu else '–'} | "
                  f"{fmt_bytes(med(e.get('daemon_peak_rss', {}).get('seq_cold')))} |")
+    if "fuse_floor" in F:
+        L += ["", "*fuse_floor*: ctfs's FUSE layer serving the same bytes from memory (no decryption, "
+              "no cache, no source file; `benchmarks/fuse_floor.py`): what a read through a Python "
+              "libfuse3 daemon costs before any cryptography."]
     c, g = F.get("ctfs", {}).get("read_gbps"), F.get("gocryptfs", {}).get("read_gbps")
     if c and g:
         L += ["", "ctfs / gocryptfs: " + ", ".join(

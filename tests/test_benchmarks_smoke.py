@@ -3,6 +3,7 @@ end to end (real mounts, gocryptfs when installed, the reference wheel, transfor
 writes results.json and results.md."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -68,6 +69,9 @@ def test_quick_benchmark_run(tmp_path):
         assert fs["ctfs"]["read_gbps"][mode]["median"] > 0, mode
     assert fs["ctfs"]["daemon_cpu_s_per_gb"]["seq_cold"]["median"] > 0
     assert fs["plain"]["read_gbps"]["seq_warm"]["median"] > 0
+    # the FUSE-layer floor (no decryption) is measured beside ctfs in the same run
+    assert fs["fuse_floor"]["read_gbps"]["seq_cold"]["median"] > 0
+    assert fs["fuse_floor"]["daemon_cpu_s_per_gb"]["seq_cold"]["median"] >= 0
     tf = res["sections"]["frameworks"]["transformers"]["variants"]
     assert tf["plain"]["time_s"]["median"] > 0 and tf["mount_cold"]["time_s"]["median"] > 0
     goals = {g["goal"] for g in res["goals"]}
@@ -81,3 +85,32 @@ def test_quick_benchmark_run(tmp_path):
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path) not in f.read()
     assert not [d for d in os.listdir(tmp_path) if d.startswith("ctfs-bench-")]
+
+
+def test_fuse_floor_tree_reads():
+    """The floor server's tree (no mount) serves SIZE bytes of its repeating pattern,
+    across block boundaries and short at EOF, like any Tree."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.fuse_floor import NAME, FloorTree
+
+    size = (2 << 20) * 3 + 12345
+    t = FloorTree(size)
+    assert t.lookup("/" + NAME).size == size and t.lookup("/").kind == "dir"
+    assert t.lookup("/other") is None and t.listdir("/") == [NAME]
+    block = bytes(t._block)
+    want = (block * 4)[:size]
+    fh = t.open("/" + NAME, 0, 0, 0)
+    got = bytearray()
+    off = 0
+    while off < size:
+        out = memoryview(bytearray(1 << 20 | 777))  # odd size: reads straddle 2 MiB blocks
+        n = t.read_into(fh, off, out)
+        assert n == min(len(out), size - off)
+        got += out[:n]
+        off += n
+    assert bytes(got) == want
+    assert t.read_into(fh, size, memoryview(bytearray(10))) == 0
+    with pytest.raises(OSError) as e:
+        t.open("/nope", 0, 0, 0)
+    assert e.value.errno == errno.ENOENT
