@@ -27,6 +27,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -286,7 +287,10 @@ class _BackgroundChild:
     def ready(self) -> None:
         if self.done:
             return
-        self._send("ready\n")
+        # warnings logged while starting (e.g. --vault-skip-verify, mlock refused) would
+        # die with the captured stderr: the parent prints them before it returns
+        warned = [ln for ln in self.captured_stderr().splitlines() if _WARNING_LINE.search(ln)]
+        self._send("".join(f"warn {ln}\n" for ln in warned) + "ready\n")
         self._close()
         if not self.keep_stderr:
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -317,6 +321,7 @@ class _BackgroundChild:
         self._close()
 
 
+_WARNING_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b")
 _BG_CHILD: Optional[_BackgroundChild] = None
 _LAST_ERROR: Optional[str] = None
 
@@ -362,8 +367,8 @@ def spawn_background(run: Callable[[], int], mountpoint, timeout: float = 30,
     Returns 0 once the daemon's mount serves; otherwise prints the daemon's error to
     stderr and returns non-zero. The daemon is double-forked (reparented to init), calls
     setsid, has stdin/stdout on /dev/null and stderr captured until ready (to report
-    libfuse's own messages), then on /dev/null unless ``keep_stderr`` (default: keep when
-    stderr is a TTY). Logging handlers writing to files keep working. Build the tree inside
+    libfuse's own messages; warnings logged while starting are printed by the parent on
+    success), then on /dev/null unless ``keep_stderr`` (default: keep when stderr is a TTY). Logging handlers writing to files keep working. Build the tree inside
     ``run`` if it starts threads: only the forking thread survives fork().
     """
     global _BG_CHILD
@@ -444,6 +449,9 @@ def spawn_background(run: Callable[[], int], mountpoint, timeout: float = 30,
         except (IndexError, ValueError):
             pass
     if status == "ready":
+        for ln in text.splitlines():
+            if ln.startswith("warn "):
+                print(ln[5:], file=sys.stderr)
         if not is_mounted(mp):
             print(f"ctfs: daemon reported ready but {mp} is not mounted", file=sys.stderr)
             return 1

