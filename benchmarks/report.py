@@ -76,6 +76,12 @@ def goals(results: dict) -> list[dict]:
             f"{a and round(a, 3)} vs {b and round(b, 3)} CPU-s/GB"
             + (f"; FUSE layer alone (no decryption): {round(floor, 3)} = {_fmt_x(_ratio(floor, b))}"
                if floor is not None else ""))
+        # the same target for reads that go to the disk (all caches dropped before mounting)
+        a, b = med(c["daemon_cpu_s_per_gb"].get("seq_truly_cold")), \
+            med(g["daemon_cpu_s_per_gb"].get("seq_truly_cold"))
+        if a is not None and b is not None:
+            add("daemon CPU per GB (truly cold read): ctfs / gocryptfs", _ratio(a, b), "<=", 0.5,
+                f"{round(a, 3)} vs {round(b, 3)} CPU-s/GB")
     for size, sec in S.get("load", {}).items():
         v = sec.get("variants", {})
         ref = med(v.get("ref_pt", {}).get("time_s"))
