@@ -368,8 +368,9 @@ def spawn_background(run: Callable[[], int], mountpoint, timeout: float = 30,
     stderr and returns non-zero. The daemon is double-forked (reparented to init), calls
     setsid, has stdin/stdout on /dev/null and stderr captured until ready (to report
     libfuse's own messages; warnings logged while starting are printed by the parent on
-    success), then on /dev/null unless ``keep_stderr`` (default: keep when stderr is a TTY). Logging handlers writing to files keep working. Build the tree inside
-    ``run`` if it starts threads: only the forking thread survives fork().
+    success), then on /dev/null unless ``keep_stderr`` (default: keep when stderr is a
+    TTY). Logging handlers writing to files keep working. Build the tree inside ``run`` if
+    it starts threads: only the forking thread survives fork().
     """
     global _BG_CHILD
     mp = _abs_mountpoint(mountpoint)
