@@ -77,6 +77,13 @@ def scrape_metrics(url) -> dict[str, float]:
     return out
 
 
+def write_secret(path, text: str) -> str:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return str(path)
+
+
 def write_keys(keyset, path) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

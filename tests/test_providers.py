@@ -25,6 +25,7 @@ from ctfs.mount import load_keys  # noqa: E402
 from ctfs.providers import (ProviderDenied, ProviderError, ProviderUnavailable,  # noqa: E402
                             available, forget_env, get_provider)
 from ctfs.providers.vault import VaultProvider, parse_wrapped, wrap_file  # noqa: E402
+from mounting import write_secret  # noqa: E402
 
 SECRET_VARS = ("VAULT_TOKEN", "BAO_TOKEN", "VAULT_SECRET_ID", "BAO_SECRET_ID", "VAULT_ADDR",
                "BAO_ADDR", "VAULT_NAMESPACE", "BAO_NAMESPACE", "VAULT_CACERT", "BAO_CACERT",
@@ -76,13 +77,6 @@ def dead_addr() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-def write_secret(path, text: str) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    return str(path)
 
 
 # --- vault: KV v2 --------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ctfs.header import read_header_path  # noqa: E402
 from ctfs.keys import KeySet  # noqa: E402
 from ctfs.modeldir import encrypt_path  # noqa: E402
 from ctfs.writer import EncryptOptions  # noqa: E402
-from mounting import ctfs, daemon_process, force_unmount, foreground_daemon, is_mounted, write_keys  # noqa: E402
+from mounting import ctfs, daemon_process, force_unmount, foreground_daemon, is_mounted, write_keys, write_secret  # noqa: E402
 
 SHARD = "model.safetensors"
 
@@ -40,13 +40,6 @@ def base_env(**extra) -> dict:
 
 def uniq(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def secret_file(path, text: str) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    return str(path)
 
 
 def data_sha(path) -> str:
@@ -134,7 +127,7 @@ def test_kv_token_env(model, openbao_server, tmp_path):
 def test_kv_token_file(model, openbao_server, tmp_path):
     path, policy = kv_store(openbao_server, model["jwks"])
     token = openbao_server.create_token([policy])
-    tf = secret_file(tmp_path / "vault-token", token)
+    tf = write_secret(tmp_path / "vault-token", token)
     with mounted(model["enc"], tmp_path / "mnt", "--key-provider", "vault", "--vault-kv-path", path,
                  "--vault-addr", openbao_server.addr, "--vault-token-file", tf, env=base_env()) as mnt:
         assert_serves_plaintext(model, mnt)
@@ -210,7 +203,7 @@ def test_file_env_systemd_creds_providers(model, tmp_path, provider):
     else:
         creds = tmp_path / "creds"
         creds.mkdir(mode=0o700)
-        secret_file(creds / "model-keys", model["jwks"])
+        write_secret(creds / "model-keys", model["jwks"])
         env["CREDENTIALS_DIRECTORY"] = str(creds)
         args += ["--credential", "model-keys"]
     with mounted(model["enc"], tmp_path / "mnt", *args, env=env) as mnt:
@@ -232,7 +225,7 @@ def test_vault_token_from_systemd_credential(model, openbao_server, tmp_path):
     creds = tmp_path / "creds"
     creds.mkdir(mode=0o700)
     token = openbao_server.create_token([policy])
-    secret_file(creds / "vault-token", token)
+    write_secret(creds / "vault-token", token)
     env = base_env(VAULT_ADDR=openbao_server.addr, CREDENTIALS_DIRECTORY=str(creds))
     with mounted(model["enc"], tmp_path / "mnt", "--key-provider", "vault", "--vault-kv-path", path,
                  "--vault-token-credential", "vault-token", env=env) as mnt:

@@ -28,8 +28,8 @@ from ctfs.keys import KeySet
 from ctfs.mount import load_keys
 from ctfs.providers import ProviderDenied, ProviderError, ProviderUnavailable
 from ctfs.providers.vault import VaultProvider
-from mounting import ctfs, daemon_process, foreground_daemon, is_mounted
-from test_providers import SECRET_VARS, kv_secret, same_keys, transit_setup, write_secret
+from mounting import ctfs, daemon_process, foreground_daemon, is_mounted, write_secret
+from test_providers import SECRET_VARS, kv_secret, same_keys, transit_setup
 from test_vault_mount import (_transit, _unmount, assert_serves_plaintext, base_env, kv_store,  # noqa: F401
                               model, mounted, uniq)
 
