@@ -404,6 +404,14 @@ def format_status(st: dict) -> str:
         f"({c.get('readahead_dropped', 0)} dropped)",
         f"integrity   {st.get('integrity_failures', 0)} AEAD failure(s)",
     ]
+    k = st.get("fuse")
+    if k:
+        ra = k.get("read_ahead_kb")
+        mode = "direct_io" if k.get("direct_io") else ("page cache kept" if k.get("keep_cache")
+                                                      else "page cache dropped on open")
+        lines.append(f"kernel      dev {k.get('dev')}, {mode}, read-ahead "
+                     f"{'?' if ra is None else f'{ra} KiB'}; {k.get('read_requests', 0)} read "
+                     f"requests, largest {_size(k.get('max_read_request', 0))}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,9 @@ Exposed (all prefixed ``ctfs_``): ``up``, ``mount_info{mountpoint,source,provide
 ``cache_held_bytes``, ``cache_capacity_bytes``, ``cache_chunks``, ``cache_hit_ratio``,
 ``cache_hits_total``, ``cache_misses_total``, ``cache_evictions_total``,
 ``bytes_decrypted_total``, ``decrypt_seconds_total``, ``readahead_issued_total``,
-``readahead_hits_total``, ``readahead_dropped_total``, ``integrity_failures_total``.
+``readahead_hits_total``, ``readahead_dropped_total``, ``integrity_failures_total``, and
+once the mount serves ``fuse_read_requests_total``, ``fuse_max_read_request_bytes``,
+``fuse_read_ahead_bytes``.
 """
 from __future__ import annotations
 
@@ -91,6 +93,14 @@ def _families(status: dict):
                   cache.get("readahead_dropped", 0))
     yield counter("integrity_failures", "Reads refused because a tag or digest did not match.",
                   status.get("integrity_failures", 0))
+    fuse = status.get("fuse")
+    if fuse:  # present once the mount serves
+        yield counter("fuse_read_requests", "FUSE read requests served.", fuse.get("read_requests", 0))
+        yield gauge("fuse_max_read_request_bytes", "Largest FUSE read request so far (1 MiB when "
+                    "the kernel tuning took effect).", fuse.get("max_read_request", 0))
+        if fuse.get("read_ahead_kb") is not None:
+            yield gauge("fuse_read_ahead_bytes", "The mount's kernel read-ahead window.",
+                        fuse["read_ahead_kb"] * 1024)
 
 
 class MountCollector:

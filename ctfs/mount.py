@@ -10,6 +10,7 @@ import pwd
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .errors import CtfsError
 
@@ -114,6 +115,7 @@ class Mount:
         self.tree = self._authorise()
         self.started = time.time()
         self.locked_reason: str | None = None
+        self.kernel_stats: Callable[[], dict] | None = None  # set by mountd.serve once serving
         self._recheck_stop = threading.Event()
         self._recheck_thread: threading.Thread | None = None
 
@@ -160,6 +162,7 @@ class Mount:
             "open_handles": self.tree.open_handles(),
             "integrity_failures": self.tree.integrity_failures,
             "cache": self.cache.stats(),
+            "fuse": self.kernel_stats() if self.kernel_stats is not None else None,
         }
 
     def start_recheck(self) -> None:
@@ -250,7 +253,8 @@ def run(cfg: MountConfig, on_ready=None) -> int:
     try:
         rc = mountd.serve(m.tree, cfg.mountpoint, foreground=True, direct_io=cfg.direct_io,
                           allow_other=bool(cfg.allow_uids or cfg.allow_gids),
-                          fsname=f"ctfs:{os.path.abspath(cfg.src)}", on_ready=ready, on_stop=stopped)
+                          fsname=f"ctfs:{os.path.abspath(cfg.src)}", on_ready=ready, on_stop=stopped,
+                          on_kernel_stats=lambda fn: setattr(m, "kernel_stats", fn))
         return rc
     finally:
         watcher.stop()

@@ -255,6 +255,25 @@ def _tune_mount(ent: MountEntry, read_ahead_kb: int) -> dict:
     return done
 
 
+def _read_sysfs_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _kernel_stats(ent: MountEntry, ops, direct_io: bool, keep_cache: bool) -> dict:
+    """What the kernel does with this mount now: its bdi read-ahead and fusectl limits
+    (read live, None where unreadable), and the FUSE read requests served so far."""
+    conn = f"/sys/fs/fuse/connections/{ent.dev.split(':')[1]}"
+    return {"dev": ent.dev, "direct_io": bool(direct_io),
+            "keep_cache": bool(keep_cache and not direct_io),
+            "read_ahead_kb": _read_sysfs_int(f"/sys/class/bdi/{ent.dev}/read_ahead_kb"),
+            "max_background": _read_sysfs_int(f"{conn}/max_background"),
+            "read_requests": ops.read_requests, "max_read_request": ops.max_read_request}
+
+
 # --------------------------------------------------------------------------------------
 # background spawning
 
@@ -514,12 +533,15 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
           on_ready: Optional[Callable[[], None]] = None,
           on_stop: Optional[Callable[[], None]] = None,
           keep_cache: bool = True, read_ahead_kb: int = READ_AHEAD_KB,
-          ready_timeout: float = 30.0) -> int:
+          ready_timeout: float = 30.0,
+          on_kernel_stats: Optional[Callable[[Callable[[], dict]], None]] = None) -> int:
     """Mount ``tree`` read-only at ``mountpoint`` and serve it; returns an exit status.
 
     Foreground: blocks until unmounted (0) or SIGTERM/SIGINT/SIGHUP (unmounts, 0); 1 when
     the mount fails. ``on_ready()`` runs once the mount serves (after read-ahead tuning),
-    ``on_stop()`` once serving ended. Background (``foreground=False``): forks a daemon
+    ``on_stop()`` once serving ended. ``on_kernel_stats(fn)`` is handed, before
+    ``on_ready``, a function returning the live FUSE figures (device, kernel tuning applied,
+    read requests so far and the largest one). Background (``foreground=False``): forks a daemon
     via :func:`spawn_background` and returns once it serves; the callbacks then run in
     the daemon.
     """
@@ -528,7 +550,8 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
             lambda: serve(tree, mountpoint, foreground=True, direct_io=direct_io,
                           allow_other=allow_other, fsname=fsname, on_ready=on_ready,
                           on_stop=on_stop, keep_cache=keep_cache,
-                          read_ahead_kb=read_ahead_kb, ready_timeout=ready_timeout),
+                          read_ahead_kb=read_ahead_kb, ready_timeout=ready_timeout,
+                          on_kernel_stats=on_kernel_stats),
             mountpoint, timeout=ready_timeout + 5)
 
     from . import fuse_ops
@@ -590,6 +613,8 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
         tuned = _tune_mount(ent, read_ahead_kb)
         log.info("serving %s (dev %s, direct_io=%s, %s)", mp, ent.dev, direct_io,
                  ", ".join(f"{k}={v}" for k, v in tuned.items()) or "untuned")
+        if on_kernel_stats is not None:
+            on_kernel_stats(lambda: _kernel_stats(ent, ops, direct_io, keep_cache))
         if on_ready is not None:
             on_ready()
         if _BG_CHILD is not None:

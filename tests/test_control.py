@@ -124,7 +124,19 @@ def test_status_fields_and_socket_layout(model, tmp_path):
         assert 0.0 < c["hit_ratio"] < 1.0
         assert type(c["decrypt_seconds"]) is float and c["decrypt_seconds"] > 0
 
+        k = st["fuse"]
+        mdev = os.stat(mnt).st_dev
+        assert k["dev"] == f"{os.major(mdev)}:{os.minor(mdev)}"
+        assert (k["direct_io"], k["keep_cache"]) == (True, False)
+        assert k["read_ahead_kb"] == 1024  # as root the daemon raises the mount's read-ahead
+        with open(f"/sys/class/bdi/{k['dev']}/read_ahead_kb") as f:
+            assert int(f.read()) == 1024
+        assert type(k["read_requests"]) is int and k["read_requests"] > 0
+        # --direct-io: each read(2) reaches the daemon as one request of up to max_read (1 MiB)
+        assert k["max_read_request"] == 1 << 20
+
         text = ctfs("status", mnt).stdout
+        assert "kernel      dev " + k["dev"] + ", direct_io, read-ahead 1024 KiB;" in text
         for needle in ("unlocked", BIG, SMALL, kid, "hit ratio", "evictions", "AEAD", "readahead"):
             assert needle in text, needle
     deadline = time.monotonic() + 10  # the daemon exits after the unmount, removing them

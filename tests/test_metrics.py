@@ -26,6 +26,8 @@ STATUS = {
     "cache": {"bytes_cached": 100, "bytes_held": 150, "capacity": 1 << 20, "chunks": 4, "inflight": 0,
               "hits": 30, "misses": 10, "hit_ratio": 0.75, "evictions": 5, "bytes_decrypted": 4096,
               "decrypt_seconds": 0.25, "readahead_issued": 7, "readahead_hits": 6, "readahead_dropped": 1},
+    "fuse": {"dev": "0:77", "direct_io": False, "keep_cache": True, "read_ahead_kb": 1024,
+             "max_background": 64, "read_requests": 12, "max_read_request": 1 << 20},
 }
 
 
@@ -58,6 +60,8 @@ def test_endpoint_serves_status_values_on_the_given_address_only():
     assert m["ctfs_bytes_decrypted_total"] == 4096 and m["ctfs_decrypt_seconds_total"] == 0.25
     assert (m["ctfs_readahead_issued_total"], m["ctfs_readahead_hits_total"]) == (7, 6)
     assert m["ctfs_open_handles"] == 3 and m["ctfs_integrity_failures_total"] == 2
+    assert m["ctfs_fuse_read_requests_total"] == 12 and m["ctfs_fuse_max_read_request_bytes"] == 1 << 20
+    assert m["ctfs_fuse_read_ahead_bytes"] == 1 << 20
     assert m['ctfs_mount_info{mountpoint="/mnt/m",provider="file",source="/srv/enc"}'] == 1
     with pytest.raises(urllib.error.URLError):  # closed with the mount
         urllib.request.urlopen(srv.url, timeout=2)
@@ -86,7 +90,7 @@ def test_mount_metrics_after_reads(tmp_path):
     plain = tmp_path / "plain"
     plain.mkdir()
     rng = np.random.default_rng(1)
-    save_file({"w": rng.standard_normal((512, 256)).astype(np.float32)}, str(plain / "model.safetensors"))
+    save_file({"w": rng.standard_normal((1024, 640)).astype(np.float32)}, str(plain / "model.safetensors"))  # 2.5 MiB
     keys = KeySet.generate()
     kf = write_keys(keys, tmp_path / "k.jwk")
     encrypt_path(str(plain), str(tmp_path / "enc"), keys, EncryptOptions(chunk_size=64 * 1024))
@@ -102,10 +106,13 @@ def test_mount_metrics_after_reads(tmp_path):
             while f.read(1 << 20):
                 pass
         m = scrape_metrics(url)
-        assert m["ctfs_bytes_decrypted_total"] >= 512 * 256 * 4
+        assert m["ctfs_bytes_decrypted_total"] >= 1024 * 640 * 4
         assert m["ctfs_cache_misses_total"] > 0 and m["ctfs_decrypt_seconds_total"] > 0
         assert m["ctfs_cache_capacity_bytes"] == 4 << 20 and m["ctfs_locked"] == 0
         assert m["ctfs_integrity_failures_total"] == 0 and m["ctfs_up"] == 1
+        assert m["ctfs_fuse_read_requests_total"] > before["ctfs_fuse_read_requests_total"]
+        assert m["ctfs_fuse_max_read_request_bytes"] == 1 << 20  # read-ahead raised to 1 MiB
+        assert m["ctfs_fuse_read_ahead_bytes"] == 1 << 20
         daemon = daemon_process(mnt)
         conns = getattr(daemon, "net_connections", daemon.connections)(kind="inet")
         listening = [c.laddr for c in conns if c.status == psutil.CONN_LISTEN]
