@@ -39,18 +39,17 @@ def _framework(name: str) -> str:
 
 
 THREADS = max(1, min(4, os.cpu_count() or 1))
+_DEVICE_BATCH = 256 << 20  # load_file to a non-CPU device: host bytes per batch
 
 
-def _read_tensor(file: CryptoFile, framework: str, dtype: str, shape: tuple[int, ...], start: int,
-                 nbytes: int, device: str):
-    """Decrypt bytes [start, start+nbytes) straight into a fresh array of the framework."""
+def _alloc_tensor(framework: str, dtype: str, shape: tuple[int, ...], nbytes: int, device: str):
+    """A fresh byte array for a tensor, and a function making the tensor of it once filled."""
     if framework == "np":
         import numpy as np
         if dtype not in _NP:
             raise UnsupportedDtypeError(f"numpy has no dtype for {dtype}; use framework='pt'")
         raw = np.empty(nbytes, dtype=np.uint8)
-        file.read_into(start, raw, threads=THREADS)
-        return raw.view(np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape)
+        return raw, lambda: raw.view(np.dtype(_NP[dtype]).newbyteorder("<")).reshape(shape)
     import torch
     if dtype not in _PT or not hasattr(torch, _PT[dtype]):
         raise UnsupportedDtypeError(f"this torch has no dtype for {dtype}")
@@ -58,10 +57,20 @@ def _read_tensor(file: CryptoFile, framework: str, dtype: str, shape: tuple[int,
     if dtype == "F4":  # two 4-bit values per element, as safetensors does
         shape = shape[:-1] + (shape[-1] // 2,)
     raw = torch.empty(nbytes, dtype=torch.uint8)
+
+    def finish():
+        t = raw.view(tdt).reshape(shape)
+        return t if device == "cpu" else t.to(device)
+    return raw.numpy(), finish
+
+
+def _read_tensor(file: CryptoFile, framework: str, dtype: str, shape: tuple[int, ...], start: int,
+                 nbytes: int, device: str):
+    """Decrypt bytes [start, start+nbytes) straight into a fresh array of the framework."""
+    raw, finish = _alloc_tensor(framework, dtype, shape, nbytes, device)
     if nbytes:
-        file.read_into(start, raw.numpy(), threads=THREADS)
-    t = raw.view(tdt).reshape(shape)
-    return t if device == "cpu" else t.to(device)
+        file.read_into(start, raw, threads=THREADS)
+    return finish()
 
 
 class _Slice:
@@ -134,6 +143,34 @@ class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
         return _read_tensor(self._file, self._framework, info.dtype, info.shape, info.start,
                             info.nbytes, self._device)
 
+    def _get_all(self) -> dict:
+        """Every tensor, in file order. Tensors are allocated first and their segments
+        decrypted by one pool, so both threads stay busy on models made of many small
+        tensors (one ``get_tensor`` at a time parallelises only within a tensor). For
+        another device, batches of about ``_DEVICE_BATCH`` bytes are moved as they are
+        done, so host memory holds one batch, not the model."""
+        result, batch, parts, size = {}, [], [], 0
+        limit = None if self._device == "cpu" else _DEVICE_BATCH
+
+        def flush():
+            self._file.read_many(parts, threads=THREADS)
+            for name, finish in batch:
+                result[name] = finish()
+            batch.clear()
+            parts.clear()
+        for info in self._file.header.layout():
+            raw, finish = _alloc_tensor(self._framework, info.dtype, info.shape, info.nbytes,
+                                        self._device)
+            batch.append((info.name, finish))
+            if info.nbytes:
+                parts.append((info.start, raw))
+            size += info.nbytes
+            if limit is not None and size >= limit:
+                flush()
+                size = 0
+        flush()
+        return result
+
     def get_slice(self, name: str) -> _Slice:
         if name not in self._file.tensors:
             raise KeyError(name)
@@ -154,4 +191,4 @@ def load_file(filename: str | os.PathLike, framework: str = "pt", device: str = 
               **options: Any) -> dict:
     """Load every tensor of a file into a dict, like ``safetensors.torch.load_file``."""
     with safe_open(filename, framework, device, keys=keys, key_file=key_file, **options) as f:
-        return {name: f.get_tensor(name) for name in f.offset_keys()}
+        return f._get_all()

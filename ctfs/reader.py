@@ -314,34 +314,54 @@ class CryptoFile:
         (uncached; nothing is zero-filled first). Whole segments are decrypted in place,
         on ``threads`` threads when there are many (AEAD calls release the GIL).
         Returns the count; raises IntegrityError on any failure."""
-        out = memoryview(out)
-        if out.format != "B":
-            out = out.cast("B")
-        length = max(0, min(len(out), self.data_len - offset))
-        if not length:
-            return 0
-        whole, seg_buf = [], None
-        for i in self.segments_for(offset, length):
-            s, e = self.segment_starts[i], self._seg_end[i]
-            lo, hi = max(s, offset), min(e, offset + length)
-            if lo == s and hi == e:
-                whole.append(i)
-                continue
-            if seg_buf is None or len(seg_buf) < e - s:
-                seg_buf = bytearray(e - s)
-            self.read_segment(i, seg_buf)
-            out[lo - offset:hi - offset] = memoryview(seg_buf)[lo - s:hi - s]
-        if seg_buf is not None:
-            seg_buf[:] = bytes(len(seg_buf))
+        return self.read_many([(offset, out)], threads=threads)[0]
 
-        def one(i: int) -> None:
-            self.read_segment(i, out[self.segment_starts[i] - offset:self._seg_end[i] - offset])
+    def read_many(self, parts, *, threads: int = 1) -> list[int]:
+        """:meth:`read_into` for many ``(offset, out)`` parts at once (e.g. every tensor
+        of a file): the whole segments of all parts go to one pool, so ``threads`` stay
+        busy however small each part is. Returns the count for each part."""
+        whole: list = []  # (segment, its slice of some part's out)
+        counts, seg_buf = [], None
+        try:
+            for offset, out in parts:
+                out = memoryview(out)
+                if out.format != "B":
+                    out = out.cast("B")
+                length = max(0, min(len(out), self.data_len - offset))
+                counts.append(length)
+                if not length:
+                    continue
+                for i in self.segments_for(offset, length):
+                    s, e = self.segment_starts[i], self._seg_end[i]
+                    lo, hi = max(s, offset), min(e, offset + length)
+                    if lo == s and hi == e:
+                        whole.append((i, out[s - offset:e - offset]))
+                        continue
+                    if seg_buf is None or len(seg_buf) < e - s:
+                        if seg_buf is not None:
+                            seg_buf[:] = bytes(len(seg_buf))
+                        seg_buf = bytearray(e - s)
+                    self.read_segment(i, seg_buf)
+                    out[lo - offset:hi - offset] = memoryview(seg_buf)[lo - s:hi - s]
+        finally:
+            if seg_buf is not None:
+                seg_buf[:] = bytes(len(seg_buf))
         if threads > 1 and len(whole) >= 4:
-            list(_pool(threads).map(one, whole))
+            futures = [_pool(threads).submit(self.read_segment, i, dst) for i, dst in whole]
+            try:
+                for fut in futures:
+                    fut.result()
+            except BaseException:
+                for fut in futures:  # a failure ends the read: start no more segments
+                    fut.cancel()
+                for fut in futures:
+                    if not fut.cancelled():
+                        fut.exception()  # wait: nothing may write into ``out`` after we return
+                raise
         else:
-            for i in whole:
-                one(i)
-        return length
+            for i, dst in whole:
+                self.read_segment(i, dst)
+        return counts
 
     def read_data(self, offset: int, length: int) -> bytearray:
         """Plaintext of data-section bytes [offset, offset+length), uncached."""

@@ -97,3 +97,81 @@ def test_top_level_exports(enc):
     assert ctfs.KeySet is KeySet and ctfs.safe_open is api.safe_open
     with ctfs.safe_open(d / "e2.safetensors", "pt", keys=keys) as f:
         assert torch.equal(f.get_tensor("w"), ts["w"])
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """Many tensors of one to three 4 KiB chunks (each too small to be split over threads
+    on its own), one of many chunks, an empty one and an excluded (plain) one."""
+    d = tmp_path_factory.mktemp("many")
+    g = torch.Generator().manual_seed(2)
+    ts = {f"l{i:02d}.w": torch.randn(1 + i % 3, 1024, generator=g) for i in range(40)}
+    ts["emb"] = torch.randn(64, 1024, generator=g).half()
+    ts["empty"] = torch.empty(0, 4)
+    ts["i"] = torch.arange(100)
+    save_file(ts, str(d / "p.safetensors"), metadata={"format": "pt"})
+    keys = KeySet.generate()
+    for v in (1, 2):
+        encrypt_file(str(d / "p.safetensors"), str(d / f"e{v}.safetensors"), keys,
+                     EncryptOptions(version=v, chunk_size=4096, exclude=["i"]))
+    return d, keys, ts
+
+
+def _spy_read_many(monkeypatch) -> list:
+    from ctfs.reader import CryptoFile
+    calls, real = [], CryptoFile.read_many
+
+    def spy(self, parts, *, threads=1):
+        calls.append(([len(memoryview(o).cast("B")) for _, o in parts], threads))
+        return real(self, parts, threads=threads)
+    monkeypatch.setattr(CryptoFile, "read_many", spy)
+    return calls
+
+
+@pytest.mark.parametrize("v", [1, 2])
+def test_load_file_decrypts_all_tensors_in_one_pool(many, monkeypatch, v):
+    d, keys, ts = many
+    monkeypatch.setattr(api, "THREADS", 2)
+    calls = _spy_read_many(monkeypatch)
+    out = api.load_file(d / f"e{v}.safetensors", keys=keys)
+    with api.safe_open(d / f"e{v}.safetensors", keys=keys) as f:
+        assert list(out) == f.offset_keys()  # file order, like safetensors
+    assert set(out) == set(ts)
+    for k, t in ts.items():
+        assert out[k].dtype == t.dtype and out[k].shape == t.shape and torch.equal(out[k], t), k
+    # one batch: every non-empty tensor's bytes handed to the pool together
+    assert len(calls) == 1 and calls[0][1] == 2
+    assert sorted(calls[0][0]) == sorted(t.numel() * t.element_size() for t in ts.values() if t.numel())
+    out_np = api.load_file(d / f"e{v}.safetensors", "np", keys=keys)
+    for k, t in ts.items():
+        np.testing.assert_array_equal(out_np[k], t.numpy())
+        assert out_np[k].dtype == t.numpy().dtype, k
+
+
+def test_load_file_integrity_failure_names_the_tensor(many, tmp_path, monkeypatch):
+    from ctfs.header import read_header_path
+    d, keys, ts = many
+    monkeypatch.setattr(api, "THREADS", 2)
+    bad = tmp_path / "bad.safetensors"
+    data = bytearray((d / "e2.safetensors").read_bytes())
+    h = read_header_path(d / "e2.safetensors")
+    data[h.data_start + h.tensors["l20.w"].start + 5000] ^= 0x01  # l20.w: 3 chunks; the 2nd
+    bad.write_bytes(data)
+    with pytest.raises(errors.IntegrityError) as ei:
+        api.load_file(bad, keys=keys)
+    assert (ei.value.tensor, ei.value.chunk) == ("l20.w", 1)
+
+
+def test_load_file_to_another_device_moves_batches(many, monkeypatch):
+    d, keys, ts = many
+    monkeypatch.setattr(api, "THREADS", 2)
+    monkeypatch.setattr(api, "_DEVICE_BATCH", 32 << 10)
+    calls = _spy_read_many(monkeypatch)
+    out = api.load_file(d / "e2.safetensors", device="meta", keys=keys)
+    assert set(out) == set(ts)
+    for k, t in ts.items():
+        assert out[k].device.type == "meta" and out[k].dtype == t.dtype and out[k].shape == t.shape
+    biggest = max(t.numel() * t.element_size() for t in ts.values())
+    assert len(calls) > 3 and all(sum(sizes) < (32 << 10) + biggest for sizes, _ in calls)
+    total = sum(t.numel() * t.element_size() for t in ts.values())
+    assert sum(sum(sizes) for sizes, _ in calls) == total
