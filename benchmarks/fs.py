@@ -69,7 +69,7 @@ def run(ctx, size: int) -> dict:
         {k: Samples() for k in mounts}
     kinds = ["plain", *mounts]
     try:
-        for rep in range(ctx.repeat):
+        for rep in range(ctx.fs_repeat):
             order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
             for kind in order:
                 if kind == "plain":
@@ -101,7 +101,7 @@ def _plain(ctx, path, sp, rep):
             warm(path)
         n, dt = reader(path)
         sp.add(f"{mode}_warm", n / dt / GB)
-    log(f"fs plain run {rep + 1}/{ctx.repeat}: " + _last(sp))
+    log(f"fs plain run {rep + 1}/{ctx.fs_repeat}: " + _last(sp))
 
 
 def _fuse(ctx, kind, m, backing, sp, cpu, dpeak, rep):
@@ -126,7 +126,7 @@ def _fuse(ctx, kind, m, backing, sp, cpu, dpeak, rep):
         cpu.add(name, c / (n / GB))
         dpeak.add(name, m.peak_rss())
     m.unmount()
-    log(f"fs {kind} run {rep + 1}/{ctx.repeat}: " + _last(sp) + f"; daemon CPU {_last(cpu, 's/GB')}")
+    log(f"fs {kind} run {rep + 1}/{ctx.fs_repeat}: " + _last(sp) + f"; daemon CPU {_last(cpu, 's/GB')}")
 
 
 def _last(s: Samples, unit: str = "GB/s") -> str:

@@ -222,6 +222,8 @@ def _argline(o):
         parts.append("--quick")
     parts.append("--sizes " + ",".join(o.get("sizes", [])))
     parts.append(f"--repeat {o.get('repeat')}")
+    if o.get("fs_repeat") and o.get("fs_repeat") != o.get("repeat"):
+        parts.append(f"--fs-repeat {o.get('fs_repeat')}")
     parts.append("--only " + ",".join(o.get("only", [])))
     return " ".join(parts)
 

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", help="comma-separated Qwen3 sizes: " + ", ".join(QWEN3) +
                     " (default 0.6B,1.7B; --quick: tiny)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure (min/median reported; default 3)")
+    ap.add_argument("--fs-repeat", type=int, help="runs per filesystem figure (default: --repeat, at least 5 "
+                    "unless --quick; those runs are short and the noisiest)")
     ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--workdir", help="parent of the temporary work directory (default /var/tmp)")
     ap.add_argument("--out", help="results directory (default benchmarks/results)")
@@ -62,6 +64,9 @@ def parse_args(argv=None):
             ap.error(f"unknown section {s!r} (known: {', '.join(SECTIONS)})")
     if o.repeat < 1:
         ap.error("--repeat must be >= 1")
+    if o.fs_repeat is not None and o.fs_repeat < 1:
+        ap.error("--fs-repeat must be >= 1")
+    o.fs_repeat = o.fs_repeat or (o.repeat if o.quick else max(5, o.repeat))
     o.fs_size = o.fs_size or (64 * MiB if o.quick else 1 << 30)
     o.frameworks_size = o.frameworks_size or min(o.sizes, key=lambda s: list(QWEN3).index(s))
     if o.frameworks_size not in QWEN3:
@@ -75,6 +80,7 @@ class Context:
         self.opts = opts
         self.workdir = workdir
         self.repeat = opts.repeat
+        self.fs_repeat = opts.fs_repeat
         self.python = sys.executable
         self.env = child_env()
         self.drop_ok = can_drop_caches()
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="ctfs-bench-", dir=parent)
     t0 = time.time()
     log(f"work directory {workdir}; sections {','.join(opts.only)}; sizes {','.join(opts.sizes)}; "
-        f"repeat {opts.repeat}")
+        f"repeat {opts.repeat} (fs {opts.fs_repeat})")
     results = {"title": "ctfs benchmarks", "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "options": {k: v for k, v in vars(opts).items()}, "machine": describe_machine(workdir),
                "sections": {}, "errors": []}

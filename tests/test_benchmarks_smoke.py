@@ -65,6 +65,7 @@ def test_quick_benchmark_run(tmp_path):
         assert load[name]["time_s"]["median"] > 0, name
     assert load["mount_cold"]["daemon_peak_rss"]["median"] > 0
     fs = res["sections"]["fs"]["fs"]
+    assert len(fs["ctfs"]["read_gbps"]["seq_cold"]["runs"]) == 3  # --quick: --fs-repeat = --repeat
     for mode in ("seq_cold", "seq_warm", "rand_cold"):
         assert fs["ctfs"]["read_gbps"][mode]["median"] > 0, mode
     assert fs["ctfs"]["daemon_cpu_s_per_gb"]["seq_cold"]["median"] > 0
@@ -114,3 +115,24 @@ def test_fuse_floor_tree_reads():
     with pytest.raises(OSError) as e:
         t.open("/nope", 0, 0, 0)
     assert e.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], 5), (["--repeat", "3"], 5), (["--repeat", "7"], 7), (["--quick"], 3),
+    (["--quick", "--repeat", "2"], 2), (["--fs-repeat", "2"], 2), (["--repeat", "9", "--fs-repeat", "4"], 4),
+])
+def test_fs_repeat_default(argv, want):
+    """Filesystem figures take at least 5 runs by default (short and the noisiest)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.runner import parse_args
+    assert parse_args(argv).fs_repeat == want
+
+
+def test_fs_repeat_must_be_positive(capsys):
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.runner import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--fs-repeat", "0"])
+    assert e.value.code == 2 and "--fs-repeat must be >= 1" in capsys.readouterr().err
