@@ -11,18 +11,23 @@ from ctfs.keys import KeySet
 from ctfs.writer import EncryptOptions, encrypt_file
 
 
+def _plain_and_encrypted(d, ts: dict, chunk_size: int):
+    """TS saved as D/p.safetensors and encrypted as e1 / e2 (format v1 / v2), "i" left plain."""
+    save_file(ts, str(d / "p.safetensors"), metadata={"format": "pt"})
+    keys = KeySet.generate()
+    for v in (1, 2):
+        encrypt_file(str(d / "p.safetensors"), str(d / f"e{v}.safetensors"), keys,
+                     EncryptOptions(version=v, chunk_size=chunk_size, exclude=["i"]))
+    return d, keys, ts
+
+
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory):
     d = tmp_path_factory.mktemp("api")
     g = torch.Generator().manual_seed(1)
     ts = {"w": torch.randn(300, 17, generator=g), "h": torch.randn(64, 8, generator=g).half(),
           "b": torch.randn(5, generator=g).to(torch.bfloat16), "i": torch.arange(12).reshape(3, 4)}
-    save_file(ts, str(d / "p.safetensors"), metadata={"format": "pt"})
-    keys = KeySet.generate()
-    for v in (1, 2):
-        encrypt_file(str(d / "p.safetensors"), str(d / f"e{v}.safetensors"), keys,
-                     EncryptOptions(version=v, chunk_size=1000, exclude=["i"]))
-    return d, keys, ts
+    return _plain_and_encrypted(d, ts, chunk_size=1000)
 
 
 @pytest.mark.parametrize("v", [1, 2])
@@ -109,12 +114,7 @@ def many(tmp_path_factory):
     ts["emb"] = torch.randn(64, 1024, generator=g).half()
     ts["empty"] = torch.empty(0, 4)
     ts["i"] = torch.arange(100)
-    save_file(ts, str(d / "p.safetensors"), metadata={"format": "pt"})
-    keys = KeySet.generate()
-    for v in (1, 2):
-        encrypt_file(str(d / "p.safetensors"), str(d / f"e{v}.safetensors"), keys,
-                     EncryptOptions(version=v, chunk_size=4096, exclude=["i"]))
-    return d, keys, ts
+    return _plain_and_encrypted(d, ts, chunk_size=4096)
 
 
 def _spy_read_many(monkeypatch) -> list:
