@@ -314,6 +314,15 @@ def start_unit(model, tmp_path, listener, metrics_port=None, stderr=None):
     return proc, mnt, etc
 
 
+def stop_unit(listener, proc, mnt) -> None:
+    """Teardown of a unit started by :func:`start_unit`, whatever the test left running."""
+    listener.close()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    force_unmount(mnt)
+
+
 def scrape(port) -> dict[str, float]:
     return scrape_metrics(f"http://127.0.0.1:{port}/metrics")
 
@@ -367,11 +376,7 @@ def test_execstart_notifies_ready_only_when_serving_and_stops_on_sigterm(model, 
         assert listener.messages.index(stop) > listener.messages.index(ready)
         assert not is_mounted(mnt)
     finally:
-        listener.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        force_unmount(tmp_path / "mnt")
+        stop_unit(listener, proc, tmp_path / "mnt")
     # journald: one line per event, priority prefix then level, no timestamp, no key
     text = log_path.read_text()
     lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -401,11 +406,7 @@ def test_execstop_unmounts_a_running_daemon(model, tmp_path):
         p = subprocess.run(command_line(stop, etc), capture_output=True, text=True, timeout=60, env=env)
         assert p.returncode != 0 and "not a mount point" in p.stderr
     finally:
-        listener.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        force_unmount(tmp_path / "mnt")
+        stop_unit(listener, proc, tmp_path / "mnt")
 
 
 def test_failed_start_reports_status_and_never_ready(model, tmp_path):
@@ -424,9 +425,7 @@ def test_failed_start_reports_status_and_never_ready(model, tmp_path):
         assert not [m for m in listener.messages if "READY" in m["fields"]]
         assert not is_mounted(mnt)
     finally:
-        listener.close()
-        if proc.poll() is None:
-            proc.kill()
+        stop_unit(listener, proc, mnt)
     lines = (tmp_path / "stderr.log").read_text().splitlines()
     errors = [ln for ln in lines if ln.startswith("<3>ERROR")]
     assert len(errors) == 1 and "ctfs-keys" in errors[0], lines
