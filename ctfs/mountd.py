@@ -239,20 +239,22 @@ def _tune_mount(ent: MountEntry, read_ahead_kb: int) -> dict:
                         "default 128 KiB (run as root for 1 MiB requests)", read_ahead_kb, err)
         else:
             done["read_ahead_kb"] = read_ahead_kb
-    minor = ent.dev.split(":")[1]
-    conn = f"/sys/fs/fuse/connections/{minor}"
+    conn = _fusectl_dir(ent)
     if os.path.isdir(conn):
         for name, val in (("max_background", FUSE_MAX_BACKGROUND),
                           ("congestion_threshold", FUSE_CONGESTION_THRESHOLD)):
-            try:
-                with open(f"{conn}/{name}") as f:
-                    cur = int(f.read().strip())
-            except (OSError, ValueError):
+            cur = _read_sysfs_int(f"{conn}/{name}")
+            if cur is None:
                 continue
             if cur < val and _write_sysfs(f"{conn}/{name}", val) is None:
                 cur = val
             done[name] = cur
     return done
+
+
+def _fusectl_dir(ent: MountEntry) -> str:
+    """The mount's fusectl connection directory (named by its device minor)."""
+    return f"/sys/fs/fuse/connections/{ent.dev.split(':')[1]}"
 
 
 def _read_sysfs_int(path: str) -> Optional[int]:
@@ -266,7 +268,7 @@ def _read_sysfs_int(path: str) -> Optional[int]:
 def _kernel_stats(ent: MountEntry, ops, direct_io: bool, keep_cache: bool) -> dict:
     """What the kernel does with this mount now: its bdi read-ahead and fusectl limits
     (read live, None where unreadable), and the FUSE read requests served so far."""
-    conn = f"/sys/fs/fuse/connections/{ent.dev.split(':')[1]}"
+    conn = _fusectl_dir(ent)
     return {"dev": ent.dev, "direct_io": bool(direct_io),
             "keep_cache": bool(keep_cache and not direct_io),
             "read_ahead_kb": _read_sysfs_int(f"/sys/class/bdi/{ent.dev}/read_ahead_kb"),
