@@ -155,6 +155,19 @@ def _paper_cell(p):
     return p if isinstance(p, str) else f"{p:+.1f} %"
 
 
+def _page_reporting(pr) -> str:
+    """One sentence on the VM's free page reporting during the run (benchmarks.util.PageReportingHold)."""
+    if not pr or not pr.get("available"):
+        return "No free page reporting (not a VM with virtio-balloon reporting)."
+    if pr.get("held"):
+        during = pr.get("reported_kib_during")
+        return (f"Free page reporting held off for the run (page_reporting_order {pr.get('order_before')} → "
+                f"{pr.get('held_at')}{'' if during is None else f', {during} KiB reported meanwhile'}"
+                f"{'' if pr.get('restored') else '; NOT restored'}).")
+    return (f"Free page reporting on (page_reporting_order {pr.get('order_before')}): fresh memory "
+            "costs host page faults, so figures are noisier (`--hold-page-reporting` holds it off).")
+
+
 def markdown(results: dict) -> str:
     M = results["machine"]
     S = results["sections"]
@@ -165,7 +178,7 @@ def markdown(results: dict) -> str:
          f"{M.get('cpu_model')}, {M.get('logical_cpus')} logical CPUs (AES-NI {M.get('aes_ni')}, VAES "
          f"{M.get('vaes')}), {fmt_bytes(M.get('ram_bytes'))} RAM, {M.get('os')}, kernel {M.get('kernel')}, "
          f"work directory on {M.get('workdir_fs')}. Load average at start {_la(M.get('loadavg_start'))}, "
-         f"at end {_la(M.get('loadavg_end'))}.", "",
+         f"at end {_la(M.get('loadavg_end'))}. {_page_reporting(M.get('page_reporting'))}", "",
          "Versions: " + ", ".join(f"{k} {v}" for k, v in M.get("versions", {}).items() if v) + ".", "",
          "Figures are **median (min)** of the runs; times in seconds, throughput in GB/s (1e9 B/s). "
          "The *paper* column holds the CryptoTensors paper's own figures (their machine), for "

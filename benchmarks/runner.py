@@ -15,7 +15,7 @@ import traceback
 
 from . import mounts
 from .models import GB, QWEN3, Model, make_qwen3, relabel
-from .util import REPO, Workers, can_drop_caches, child_env, log
+from .util import REPO, PageReportingHold, Workers, can_drop_caches, child_env, log
 
 SECTIONS = ("serialise", "load", "fs", "frameworks")
 MiB = 1 << 20
@@ -53,6 +53,9 @@ def parse_args(argv=None):
                     help="a fresh interpreter per torch/transformers measurement (default: forked from a "
                          "pre-imported zygote; same peak-RSS semantics, saves the import seconds)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--hold-page-reporting", action="store_true",
+                    help="as root in a VM with free page reporting: hold it off for the run and restore it "
+                         "after, so fresh memory costs no host page faults (see benchmarks/README.md)")
     o = ap.parse_args(argv)
     o.sizes = [s.strip() for s in (o.sizes or ("tiny" if o.quick else "0.6B,1.7B")).split(",") if s.strip()]
     for s in o.sizes:
@@ -211,7 +214,10 @@ def main(argv=None) -> int:
                "options": {k: v for k, v in vars(opts).items()}, "machine": describe_machine(workdir),
                "sections": {}, "errors": []}
     ctx = None
+    hold = PageReportingHold(enabled=opts.hold_page_reporting)
+    results["machine"]["page_reporting"] = hold.record
     try:
+        hold.__enter__()
         ctx = Context(opts, workdir)
         results["options"]["vllm"] = ctx.vllm
         if not ctx.drop_ok:
@@ -229,6 +235,7 @@ def main(argv=None) -> int:
         if "frameworks" in opts.only and opts.frameworks_size not in opts.sizes:
             _one_size(ctx, results, opts.frameworks_size, True, only_frameworks=True)
     finally:
+        hold.restore()
         if ctx is not None:
             ctx.workers.close()
         mounts.cleanup_all()

@@ -179,6 +179,90 @@ def files_under(d: str) -> list[str]:
     return sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs)
 
 
+# --- the VM's free page reporting -----------------------------------------------------------
+
+PAGE_REPORTING = "/sys/module/page_reporting/parameters"
+
+
+class PageReportingHold:
+    """On request (``--hold-page-reporting``), holds a VM guest's free page reporting off
+    while measuring, then restores it; either way records its state.
+
+    With virtio-balloon free page reporting the guest hands the memory it frees (a dropped
+    page cache, the pages of an unmounted FUSE file) back to its host, and the next write
+    to such a page stalls on the host's page fault. That cost lands on whichever process
+    first touches the page: the FUSE daemon copying a reply into new page-cache pages, the
+    kernel filling the page cache of a dropped file. On this machine kind it adds between
+    0 and 1.7 CPU-s per GB to a plain buffered read of a file after ``drop_caches`` (0.05
+    with reporting held off), at random, to every peer alike, and swamps what the runs
+    compare; in-process loaders that allocate fresh tensors pay it too. Setting ``page_reporting_order`` above the largest buddy order stops
+    reporting; the old value comes back on exit (the runner's ``finally`` and SIGTERM
+    handler). It is a property of the machine, not of ctfs or its peers, which are always
+    measured under the same setting; by default the machine is measured as it is.
+
+    ``record`` (for results.json) says what was found and done."""
+
+    def __init__(self, enabled: bool = True, params: str = PAGE_REPORTING, orders=(11, 10)):
+        self.enabled, self.params, self.orders = enabled, params, orders
+        self.record: dict = {"available": False, "held": False}
+        self._before: str | None = None
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.params, name)
+
+    def _read(self, name: str) -> str | None:
+        try:
+            with open(self._path(name)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def _write(self, name: str, value) -> bool:
+        try:
+            with open(self._path(name), "w") as f:
+                f.write(f"{value}\n")
+            return True
+        except OSError:
+            return False
+
+    def __enter__(self) -> "PageReportingHold":
+        before = self._read("page_reporting_order")
+        if before is None:
+            return self
+        self.record.update(available=True, order_before=int(before))
+        kib = self._read("reported_kib")
+        if kib is not None:
+            self.record["reported_kib_before"] = int(kib)
+        if not self.enabled:
+            log(f"free page reporting is on (page_reporting_order {before}): fresh memory costs host "
+                "page faults here, figures are noisier (--hold-page-reporting holds it off)")
+            return self
+        for order in self.orders:
+            if self._write("page_reporting_order", order):
+                self._before = before
+                self.record.update(held=True, held_at=order)
+                log(f"free page reporting held off for the run (page_reporting_order {before} -> {order})")
+                break
+        else:
+            log(f"could not hold free page reporting off (page_reporting_order {before}; not root?)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self._before is None:
+            return
+        kib = self._read("reported_kib")
+        if kib is not None and "reported_kib_before" in self.record:
+            self.record["reported_kib_during"] = int(kib) - self.record["reported_kib_before"]
+        self.record["restored"] = self._write("page_reporting_order", self._before)
+        if self.record["restored"]:
+            self._before = None
+        else:
+            log(f"could not restore page_reporting_order {self._before}")
+
+
 # --- readers --------------------------------------------------------------------------------
 
 def _timed_reads(path: str, offsets, bs: int) -> tuple[int, float]:

@@ -32,11 +32,14 @@ def medians(node, path=""):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_quick_benchmark_run(tmp_path):
+@pytest.mark.parametrize("hold", [False, True], ids=["as-is", "hold-page-reporting"])
+def test_quick_benchmark_run(tmp_path, hold):
     out = tmp_path / "results"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    order_file = pathlib.Path("/sys/module/page_reporting/parameters/page_reporting_order")
+    order_before = order_file.read_text() if order_file.exists() else None
     p = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out),
-                        "--workdir", str(tmp_path)],
+                        "--workdir", str(tmp_path), *(["--hold-page-reporting"] if hold else [])],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert p.returncode == 0, f"benchmarks failed ({p.returncode}):\n{p.stderr[-6000:]}"
     # progress on stderr, one line per step
@@ -47,6 +50,15 @@ def test_quick_benchmark_run(tmp_path):
     for key in ("cpu_model", "logical_cpus", "ram_bytes", "kernel", "versions"):
         assert m.get(key), key
     assert m["versions"]["ctfs"] and m["versions"]["cryptotensors"]
+    # free page reporting: recorded; held off only on request (--hold-page-reporting), and
+    # then put back afterwards
+    pr = m["page_reporting"]
+    held = hold and order_before is not None and os.geteuid() == 0
+    assert pr["available"] is (order_before is not None) and pr["held"] is held
+    assert pr.get("restored") is (True if held else None)
+    if order_before is not None:
+        assert pr["order_before"] == int(order_before)
+        assert order_file.read_text() == order_before
     for section in SECTIONS:
         sec = res["sections"].get(section)
         assert isinstance(sec, dict) and "error" not in json.dumps(list(sec)), (section, sec)
@@ -136,3 +148,59 @@ def test_fs_repeat_must_be_positive(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--fs-repeat", "0"])
     assert e.value.code == 2 and "--fs-repeat must be >= 1" in capsys.readouterr().err
+
+
+def _fake_params(tmp_path, order="9", kib="100"):
+    d = tmp_path / "page_reporting"
+    d.mkdir()
+    (d / "page_reporting_order").write_text(order + "\n")
+    (d / "reported_kib").write_text(kib + "\n")
+    return d
+
+
+def test_page_reporting_hold_and_restore(tmp_path):
+    """The benchmark holds free page reporting off (order above the largest buddy order)
+    for the run and puts the old value back, recording both."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.util import PageReportingHold
+    d = _fake_params(tmp_path)
+    with PageReportingHold(params=str(d)) as h:
+        assert (d / "page_reporting_order").read_text() == "11\n"
+        (d / "reported_kib").write_text("164\n")
+    assert (d / "page_reporting_order").read_text() == "9\n"
+    assert h.record == {"available": True, "held": True, "order_before": 9, "held_at": 11,
+                        "reported_kib_before": 100, "reported_kib_during": 64, "restored": True}
+    h.restore()  # idempotent: nothing left to restore
+    assert (d / "page_reporting_order").read_text() == "9\n"
+
+
+def test_page_reporting_hold_falls_back_and_can_be_declined(tmp_path):
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.util import PageReportingHold
+
+    class Upstream(PageReportingHold):  # upstream kernels cap the order at MAX_PAGE_ORDER (10)
+        def _write(self, name, value):
+            return int(value) <= 10 and super()._write(name, value)
+
+    d = _fake_params(tmp_path, order="9")
+    with Upstream(params=str(d)) as h:
+        assert (d / "page_reporting_order").read_text() == "10\n"
+    assert h.record["held_at"] == 10 and (d / "page_reporting_order").read_text() == "9\n"
+
+    with PageReportingHold(enabled=False, params=str(d)) as h:
+        assert (d / "page_reporting_order").read_text() == "9\n"
+    assert h.record == {"available": True, "held": False, "order_before": 9, "reported_kib_before": 100}
+
+    with PageReportingHold(params=str(tmp_path / "absent")) as h:
+        pass
+    assert h.record == {"available": False, "held": False}
+
+
+def test_hold_page_reporting_option():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.runner import parse_args
+    assert parse_args([]).hold_page_reporting is False
+    assert parse_args(["--hold-page-reporting"]).hold_page_reporting is True
