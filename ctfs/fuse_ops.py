@@ -78,6 +78,7 @@ def _load_mfusepy():
 
 mfusepy = _load_mfusepy()
 FuseOSError = mfusepy.FuseOSError
+_FUSE_CAP_AUTO_INVAL_DATA = 1 << 12  # fuse_common.h
 FUSE_VERSION = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
 
 # -- libfuse's own messages -> logging ("ctfs.fuse") -------------------------------------
@@ -194,9 +195,9 @@ class CtfsOperations(mfusepy.Operations):
         keep_cache: bool = True,
         uid: Optional[int] = None,
         gid: Optional[int] = None,
-        attr_timeout: float = 60.0,
-        entry_timeout: float = 60.0,
-        negative_timeout: float = 1.0,
+        attr_timeout: Optional[float] = None,
+        entry_timeout: Optional[float] = None,
+        negative_timeout: Optional[float] = None,
         max_background: int = 64,
         congestion_threshold: int = 48,
         on_init: Optional[Callable[[], None]] = None,
@@ -206,9 +207,16 @@ class CtfsOperations(mfusepy.Operations):
         self.keep_cache = bool(keep_cache)
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
-        self.attr_timeout = attr_timeout
-        self.entry_timeout = entry_timeout
-        self.negative_timeout = negative_timeout
+        # A tree with an access list (``--allow-uid/--allow-gid``: an allow_other mount)
+        # has every lookup, stat and listing checked like an open, so the kernel must not
+        # answer them from its caches: timeouts default to 0 there, to 60 s (1 s for
+        # negative entries) otherwise.
+        self._allowed = getattr(tree, "access", None)
+        checked = self._allowed is not None
+        self.attr_timeout = (0.0 if checked else 60.0) if attr_timeout is None else attr_timeout
+        self.entry_timeout = (0.0 if checked else 60.0) if entry_timeout is None else entry_timeout
+        self.negative_timeout = (0.0 if checked else 1.0) if negative_timeout is None else negative_timeout
+        self._refused_uids: set[int] = set()
         self.max_background = max_background
         self.congestion_threshold = congestion_threshold
         self.on_init = on_init
@@ -231,6 +239,12 @@ class CtfsOperations(mfusepy.Operations):
         # Must not raise: mfusepy re-raises exceptions from init into libfuse.
         try:
             if conn is not None:
+                # The view's attributes never change while mounted (sizes and times are
+                # fixed when the tree is built; ctfs drops the kernel's pages itself when
+                # it must), so the kernel's auto_inval_data would only add a GETATTR round
+                # trip to reads whenever attributes are stale: every read on access-list
+                # mounts, whose attribute timeout is 0.
+                conn.want = int(conn.want) & ~_FUSE_CAP_AUTO_INVAL_DATA
                 if self.max_background:
                     conn.max_background = max(int(conn.max_background), self.max_background)
                 if self.congestion_threshold:
@@ -273,6 +287,21 @@ class CtfsOperations(mfusepy.Operations):
 
     # -- metadata --------------------------------------------------------------------
 
+    def _check_caller(self, what: str, path: str) -> None:
+        """With an access list, a caller not on it gets EACCES for metadata too (stat,
+        lookup, listing, access(2), statfs), as for open: not even names leak. The
+        first refusal per uid is logged; opens are logged by the tree every time."""
+        if self._allowed is None:
+            return
+        uid, gid, pid = mfusepy.fuse_get_context()
+        if self._allowed(uid, gid):
+            return
+        if uid not in self._refused_uids:
+            self._refused_uids.add(uid)
+            log.warning("%s refused: %s by uid=%d gid=%d pid=%d not allowed (further metadata "
+                        "refusals for this uid are not logged)", what, path, uid, gid, pid)
+        raise FuseOSError(errno.EACCES)
+
     def _node(self, path: str):
         node = self.tree.lookup(path)
         if node is None:
@@ -300,10 +329,12 @@ class CtfsOperations(mfusepy.Operations):
 
     @_guard
     def getattr(self, path: str, fh=None) -> dict[str, Any]:
+        self._check_caller("stat", path)
         return self._attrs(self._node(path))
 
     @_guard
     def access(self, path: str, amode: int) -> int:
+        self._check_caller("access", path)
         self._node(path)
         if amode & os.W_OK:
             raise FuseOSError(errno.EROFS)
@@ -311,12 +342,14 @@ class CtfsOperations(mfusepy.Operations):
 
     @_guard
     def opendir(self, path: str) -> int:
+        self._check_caller("opendir", path)
         if self._node(path).kind != "dir":
             raise FuseOSError(errno.ENOTDIR)
         return 0
 
     @_guard
     def readdir(self, path: str, fh) -> list:
+        self._check_caller("readdir", path)
         if self._node(path).kind != "dir":
             raise FuseOSError(errno.ENOTDIR)
         out: list = [".", ".."]
@@ -334,6 +367,7 @@ class CtfsOperations(mfusepy.Operations):
 
     @_guard
     def statfs(self, path: str) -> dict[str, int]:
+        self._check_caller("statfs", path)
         res = None
         fn = getattr(self.tree, "statfs", None)
         if fn is not None:

@@ -1,7 +1,8 @@
 """Who may read a mount, checked with real second users (setpriv): by default only the
 mounting user (the kernel refuses everyone else: FUSE without allow_other); with
---allow-uid/--allow-gid the mount is allow_other and every open() is checked against
-the caller's uid/gid from the FUSE request, whatever the page cache holds."""
+--allow-uid/--allow-gid the mount is allow_other and every lookup, stat, listing and
+open() is checked against the caller's uid/gid from the FUSE request, whatever the page
+cache holds."""
 from __future__ import annotations
 
 import contextlib
@@ -129,7 +130,8 @@ def test_allow_uid_and_gid_every_open_checked(model, public_dir, tmp_path):
         assert p.returncode == 0 and p.stdout.split()[0] == expect, p.stderr
         p = as_user(GROUP_MEMBER_UID, ALLOWED_GID, "sha256sum", view)
         assert p.returncode == 0 and p.stdout.split()[0] == expect, p.stderr
-        # cached pages or not, the open of someone not listed reaches us and is refused
+        # cached pages or not, someone not listed is refused: at the lookup, which reaches
+        # us every time (no entry cache on such mounts), before the open is checked
         for name in (NAME, "config.json"):
             p = as_user(DENIED_UID, DENIED_UID, "cat", os.path.join(mnt, name))
             assert p.returncode != 0 and "Permission denied" in p.stderr and p.stdout == ""
@@ -141,11 +143,40 @@ def test_allow_uid_and_gid_every_open_checked(model, public_dir, tmp_path):
         p = as_user(ALLOWED_UID, ALLOWED_UID, "sha256sum", view)
         assert p.returncode == 0 and p.stdout.split()[0] == expect, p.stderr
     text = log.read_text()
-    assert f"open refused: /{NAME} by uid={DENIED_UID} gid={DENIED_UID}" in text
-    assert f"open refused: /config.json by uid={DENIED_UID}" in text
+    assert f"stat refused: /{NAME} by uid={DENIED_UID} gid={DENIED_UID}" in text
     assert f"open refused (mount locked): /{NAME} by uid={ALLOWED_UID}" in text
     for uid in (ALLOWED_UID, GROUP_MEMBER_UID):  # never refused while unlocked
         assert f"by uid={uid} gid=" not in text
+
+
+def test_allow_uid_metadata_refused_to_others(model, public_dir, tmp_path):
+    """With an access list, a user not on it learns nothing from the mount: listing, stat,
+    access(2) and statfs are refused like open, for names that exist and names that do
+    not, even right after a listed user looked them up (the kernel keeps no entry or
+    attribute cache on such mounts)."""
+    mnt = os.path.join(public_dir, "mnt")
+    log = tmp_path / "daemon.log"
+    view = os.path.join(mnt, NAME)
+    with foreground_mount(model["enc"], mnt, model["key_file"], log, "--allow-uid", str(ALLOWED_UID)):
+        for _ in range(2):
+            p = as_user(ALLOWED_UID, ALLOWED_UID, "ls", mnt)
+            assert p.returncode == 0 and sorted(p.stdout.split()) == ["config.json", NAME], p
+            p = as_user(ALLOWED_UID, ALLOWED_UID, "stat", "-c", "%s", view)
+            assert p.returncode == 0 and int(p.stdout) == os.path.getsize(view), p
+            for cmd in (("ls", mnt), ("stat", view), ("stat", os.path.join(mnt, "no-such-file")),
+                        ("stat", "-f", mnt), ("ls", "-d", mnt)):
+                p = as_user(DENIED_UID, DENIED_UID, *cmd)
+                assert p.returncode != 0 and "Permission denied" in p.stderr, (cmd, p)
+                assert NAME not in p.stdout and "config.json" not in p.stdout, (cmd, p)
+            p = as_user(DENIED_UID, DENIED_UID, "/usr/bin/python3", "-c",
+                        "import os,sys; print(os.access(sys.argv[1], os.R_OK), os.path.exists(sys.argv[1]))",
+                        view)
+            assert p.returncode == 0 and p.stdout.split() == ["False", "False"], p
+        assert sorted(os.listdir(mnt)) == ["config.json", NAME]  # the mounting user (root)
+    text = log.read_text()
+    assert text.count(f"by uid={DENIED_UID} gid={DENIED_UID}") == 1, text  # first refusal only
+    assert f"refused: / by uid={DENIED_UID}" in text or f"refused: /{NAME} by uid={DENIED_UID}" in text
+    assert f"by uid={ALLOWED_UID}" not in text
 
 
 def test_control_socket_unreachable_for_other_users(model, public_dir):

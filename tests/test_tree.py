@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import hashlib
 
 import pytest
@@ -95,3 +96,54 @@ def test_reads_never_fail_for_what_mount_time_could_see(setup):
     for _ in range(2):
         read_all(tree, "/model.safetensors")
     assert tree.integrity_failures == 0
+
+
+def test_fuse_ops_check_metadata_against_the_access_list(setup, monkeypatch):
+    """No mount needed: over a tree with an access list, the FUSE operations refuse stat,
+    access, listing and statfs to callers not on it (EACCES, also for names that do not
+    exist), and keep no kernel entry/attribute cache; without a list nothing is checked."""
+    from ctfs import fuse_ops  # first: it binds mfusepy to libfuse3
+    FuseOSError = fuse_ops.FuseOSError
+    plain, enc, keys = setup
+    caller = {"uid": 1001, "gid": 1001}
+    monkeypatch.setattr(fuse_ops.mfusepy, "fuse_get_context", lambda: (caller["uid"], caller["gid"], 42))
+    tree = MountTree(str(enc), keys, ChunkCache(1 << 20), access=lambda uid, gid: uid == 1000)
+    ops = fuse_ops.CtfsOperations(tree)
+    assert (ops.attr_timeout, ops.entry_timeout, ops.negative_timeout) == (0.0, 0.0, 0.0)
+    calls = [lambda: ops.getattr("/model.safetensors"), lambda: ops.getattr("/"),
+             lambda: ops.getattr("/no-such-file"), lambda: ops.access("/model.safetensors", os.R_OK),
+             lambda: ops.opendir("/"), lambda: ops.readdir("/", 0), lambda: ops.statfs("/")]
+    for call in calls:
+        with pytest.raises(FuseOSError) as ei:
+            call()
+        assert ei.value.errno == errno.EACCES
+    caller.update(uid=1000, gid=1000)
+    assert ops.getattr("/model.safetensors")["st_size"] == (enc / "model.safetensors").stat().st_size
+    names = [e if isinstance(e, str) else e[0] for e in ops.readdir("/", 0)]
+    assert names == [".", "..", "config.json", "model.safetensors"] and ops.opendir("/") == 0
+    with pytest.raises(FuseOSError) as ei:
+        ops.getattr("/no-such-file")
+    assert ei.value.errno == errno.ENOENT
+    open_tree = fuse_ops.CtfsOperations(MountTree(str(enc), keys, ChunkCache(1 << 20)))
+    caller.update(uid=1001, gid=1001)
+    assert open_tree.getattr("/model.safetensors")["st_size"] > 0
+    assert (open_tree.attr_timeout, open_tree.entry_timeout, open_tree.negative_timeout) == (60.0, 60.0, 1.0)
+
+
+def test_fuse_init_turns_auto_inval_data_off(setup):
+    """The view's attributes never change while mounted, so init drops libfuse's default
+    FUSE_CAP_AUTO_INVAL_DATA: with it, every read on an access-list mount (attribute
+    timeout 0) would first cost a GETATTR round trip."""
+    from types import SimpleNamespace
+
+    from ctfs import fuse_ops
+    plain, enc, keys = setup
+    ops = fuse_ops.CtfsOperations(MountTree(str(enc), keys, ChunkCache(1 << 20)))
+    conn = SimpleNamespace(proto_major=7, proto_minor=45, max_write=1 << 20, max_read=0,
+                           max_readahead=1 << 17, capable=0xFFFFFFF, want=0x14F819,
+                           max_background=12, congestion_threshold=9)
+    config = SimpleNamespace(attr_timeout=1.0, entry_timeout=1.0, negative_timeout=0.0, use_ino=1)
+    ops.init_with_config(conn, config)
+    assert conn.want == 0x14F819 & ~(1 << 12)
+    assert (conn.max_background, conn.congestion_threshold) == (64, 48)
+    assert (config.attr_timeout, config.entry_timeout, config.negative_timeout, config.use_ino) == (60.0, 60.0, 1.0, 0)
