@@ -178,6 +178,34 @@ def test_plain_view_of_unencrypted_files(seeds, seed):
     oracle.check_file(seeds.path, data, None, require_encrypted=False, allow_unverified_plain=True, rng=rng)
 
 
+def test_header_padding_is_not_signed_but_cannot_change_what_is_served(seeds):
+    """Found by the mutation fuzzer: dropping a trailing padding space from the header and
+    decrementing the length field moves the data section by one byte but leaves a valid
+    file (the signature covers the header's content, not its padding). Its view must then
+    serve the same header content and exactly the original tensor bytes, one byte earlier;
+    padding that is not whitespace is refused."""
+    orig = seeds.files[0]
+    (n,) = struct.unpack("<Q", orig[:8])
+    assert orig[8 + n - 1:8 + n] == b" "
+    moved = struct.pack("<Q", n - 1) + orig[8:8 + n - 1] + orig[8 + n:]
+    assert oracle.check_file(seeds.path, moved, seeds.keys, original_view=seeds.views[0]) == "served"
+    from ctfs.reader import CryptoFile
+    from ctfs.view import PlainView
+    with open(seeds.path, "wb") as f:
+        f.write(moved)
+    cf = CryptoFile(seeds.path, seeds.keys)
+    try:
+        view = PlainView(cf)
+        out = bytearray(view.size)
+        assert view.read_into(0, memoryview(out)) == view.size == len(orig) - 1
+        (vn,) = struct.unpack("<Q", seeds.views[0][:8])
+        assert bytes(out[8 + n - 1:]) == seeds.views[0][8 + vn:]
+    finally:
+        cf.close()
+    garbage = orig[:8 + n - 1] + b"x" + orig[8 + n:]
+    assert oracle.check_file(seeds.path, garbage, seeds.keys, original_view=seeds.views[0]) == "refused"
+
+
 def test_signed_huge_segment_sizes_do_not_allocate(seeds, tmp_path):
     """Signed headers declaring a 4 GiB chunk size (the read limit) and a 1 TiB digest chunk
     for small tensors open and read without allocating anything near those sizes."""

@@ -143,6 +143,17 @@ def check_file(path: str, data: bytes, keys: KeySet | None, *, original_view: by
             raise OracleFailure("the view's header describes other tensors")
         if any(k in (vh.metadata or {}) for k in cryptometa.RESERVED_KEYS):
             raise OracleFailure("crypto metadata leaked into the view's header")
+        if original_view is not None and len(original_view) != view.size:
+            # A mutation may legitimately move the data section: the header's trailing
+            # padding is not signed, so a file whose header lost or gained padding (and
+            # whose length field says so) is still valid. Its view must then say the same
+            # as the original's, header content and every data byte, at the new offsets.
+            (olen,) = struct.unpack("<Q", original_view[:8])
+            oh = parse_header_bytes(original_view[8:8 + olen], len(original_view))
+            if (oh.metadata, {n: t.entry() for n, t in oh.tensors.items()}) != \
+                    (vh.metadata, {n: t.entry() for n, t in vh.tensors.items()}):
+                raise OracleFailure("a moved data section with a different header was served")
+            original_view = bytes(view.header_bytes) + original_view[8 + olen:]
         out = bytearray(view.size)
         pos, eio = 0, False
         rng = rng or random.Random(len(data))
