@@ -195,9 +195,9 @@ class PageReportingHold:
     kernel filling the page cache of a dropped file. On this machine kind it adds between
     0 and 1.7 CPU-s per GB to a plain buffered read of a file after ``drop_caches`` (0.05
     with reporting held off), at random, to every peer alike, and swamps what the runs
-    compare; in-process loaders that allocate fresh tensors pay it too. Setting ``page_reporting_order`` above the largest buddy order stops
-    reporting; the old value comes back on exit (the runner's ``finally`` and SIGTERM
-    handler). It is a property of the machine, not of ctfs or its peers, which are always
+    compare; in-process loaders that allocate fresh tensors pay it too. Setting
+    ``page_reporting_order`` above the largest buddy order stops reporting; the old value
+    comes back on exit (the runner's ``finally`` and SIGTERM handler). It is a property of the machine, not of ctfs or its peers, which are always
     measured under the same setting; by default the machine is measured as it is.
 
     ``record`` (for results.json) says what was found and done."""
