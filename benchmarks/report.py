@@ -238,6 +238,8 @@ def _argline(o):
     if o.get("fs_repeat") and o.get("fs_repeat") != o.get("repeat"):
         parts.append(f"--fs-repeat {o.get('fs_repeat')}")
     parts.append("--only " + ",".join(o.get("only", [])))
+    if o.get("hold_page_reporting"):
+        parts.append("--hold-page-reporting")
     return " ".join(parts)
 
 
