@@ -94,7 +94,8 @@ def test_quick_benchmark_run(tmp_path, hold):
     assert "| goal | measured | target | result |" in md
     assert "## Serialisation" in md and "## Filesystem throughput" in md and "paper" in md
     assert "PASS" in md or "FAIL" in md
-    assert ("--hold-page-reporting`" in md) is hold  # the command line shown says so
+    run_line = next(line for line in md.splitlines() if line.startswith("Run "))
+    assert ("--hold-page-reporting" in run_line) is hold  # the command line shown says so
     # nothing left behind: no mounts under the work directory, work directory removed
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path) not in f.read()
