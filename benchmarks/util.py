@@ -205,34 +205,27 @@ class PageReportingHold:
     def __init__(self, enabled: bool = True, params: str = PAGE_REPORTING, orders=(11, 10)):
         self.enabled, self.params, self.orders = enabled, params, orders
         self.record: dict = {"available": False, "held": False}
-        self._before: str | None = None
+        self._before: int | None = None
 
     def _path(self, name: str) -> str:
         return os.path.join(self.params, name)
 
-    def _read(self, name: str) -> str | None:
-        try:
-            with open(self._path(name)) as f:
-                return f.read().strip()
-        except OSError:
-            return None
+    def _read(self, name: str) -> int | None:
+        from ctfs.mountd import _read_sysfs_int
+        return _read_sysfs_int(self._path(name))
 
-    def _write(self, name: str, value) -> bool:
-        try:
-            with open(self._path(name), "w") as f:
-                f.write(f"{value}\n")
-            return True
-        except OSError:
-            return False
+    def _write(self, name: str, value: int) -> bool:
+        from ctfs.mountd import _write_sysfs
+        return _write_sysfs(self._path(name), value) is None
 
     def __enter__(self) -> "PageReportingHold":
         before = self._read("page_reporting_order")
         if before is None:
             return self
-        self.record.update(available=True, order_before=int(before))
+        self.record.update(available=True, order_before=before)
         kib = self._read("reported_kib")
         if kib is not None:
-            self.record["reported_kib_before"] = int(kib)
+            self.record["reported_kib_before"] = kib
         if not self.enabled:
             log(f"free page reporting is on (page_reporting_order {before}): fresh memory costs host "
                 "page faults here, figures are noisier (--hold-page-reporting holds it off)")
@@ -255,7 +248,7 @@ class PageReportingHold:
             return
         kib = self._read("reported_kib")
         if kib is not None and "reported_kib_before" in self.record:
-            self.record["reported_kib_during"] = int(kib) - self.record["reported_kib_before"]
+            self.record["reported_kib_during"] = kib - self.record["reported_kib_before"]
         self.record["restored"] = self._write("page_reporting_order", self._before)
         if self.record["restored"]:
             self._before = None
