@@ -331,6 +331,11 @@ def _set_options(values: dict) -> dict:
               help="Bound of the decrypted-chunk cache.")
 @click.option("--readahead", type=int, default=3, show_default=True, help="Chunks decrypted ahead of sequential reads.")
 @click.option("--direct-io", is_flag=True, help="Keep plaintext out of the kernel page cache.")
+@click.option("--source-io", type=click.Choice(["auto", "buffered", "direct"]), default="auto",
+              show_default=True,
+              help="How ciphertext is read: auto reads with O_DIRECT what the page cache does "
+                   "not hold (no second copy of the model in memory); buffered always goes "
+                   "through the page cache; direct never does.")
 @click.option("--allow-plain", is_flag=True, help="Serve plain safetensors files found in SRC.")
 @click.option("--allow-unverified-plain", is_flag=True,
               help="Serve unencrypted tensors that no signed digest covers (reference-written files).")
@@ -348,7 +353,7 @@ def _set_options(values: dict) -> dict:
               "(systemd-creds provider; default ctfs-keys).")
 @_with_options(_VAULT_AUTH_OPTIONS + _VAULT_STORAGE_OPTIONS)
 def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, readahead, direct_io,
-          allow_plain, allow_unverified_plain, allow_uid, allow_gid, timeout, foreground, log_level,
+          source_io, allow_plain, allow_unverified_plain, allow_uid, allow_gid, timeout, foreground, log_level,
           recheck=None, credential=None, config_file=None, metrics=None, **vault_options):
     """Mount the CryptoTensors directory SRC at MOUNTPOINT as plain safetensors files.
 
@@ -367,6 +372,7 @@ def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, r
                       provider_options={"key_file": key_file, "insecure_perms": insecure_perms,
                                         **_set_options({"credential": credential, **vault_options})},
                       cache_size=cache_size, readahead=readahead, direct_io=direct_io,
+                      source_io=source_io,
                       allow_plain=allow_plain, allow_unverified_plain=allow_unverified_plain,
                       allow_uids=_ids(allow_uid, "uid"), allow_gids=_ids(allow_gid, "gid"),
                       timeout=timeout, recheck=recheck, foreground=foreground,

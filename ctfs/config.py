@@ -8,6 +8,7 @@ override the file (click's parameter source tells given flags from defaults)::
     cache_size = "4GiB"                     # --cache-size (size string or bytes)
     readahead = 3                           # --readahead
     direct_io = false                       # --direct-io
+    source_io = "auto"                      # --source-io (auto, buffered or direct)
     allow_plain = false                     # --allow-plain
     allow_unverified_plain = false          # --allow-unverified-plain
     allow_uids = ["vllm"]                   # --allow-uid (names or numbers)
@@ -148,6 +149,13 @@ def _path(v, where):
     return v
 
 
+def _source_io(v, where):
+    from .source import MODES
+    if not isinstance(v, str) or v.lower() not in MODES:
+        raise ConfigError(f"{where} must be one of {', '.join(MODES)}, not {v!r}")
+    return v.lower()
+
+
 def _log_level(v, where):
     if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
         raise ConfigError(f"{where} must be one of {', '.join(LOG_LEVELS)}, not {v!r}")
@@ -176,6 +184,7 @@ KEYS: dict[str, tuple[str, str, Callable]] = {
     "cache_size": ("cache_size", "cache_size", _size),
     "readahead": ("readahead", "readahead", _nonneg_int),
     "direct_io": ("direct_io", "direct_io", _bool),
+    "source_io": ("source_io", "source_io", _source_io),
     "allow_plain": ("allow_plain", "allow_plain", _bool),
     "allow_unverified_plain": ("allow_unverified_plain", "allow_unverified_plain", _bool),
     "allow_uids": ("allow_uids", "allow_uid", _ids("user")),

@@ -27,6 +27,7 @@ class MountConfig:
     cache_size: int = DEFAULT_CACHE
     readahead: int = 3
     direct_io: bool = False
+    source_io: str = "auto"        # how ciphertext is read (ctfs.source)
     allow_plain: bool = False
     allow_unverified_plain: bool = False
     allow_uids: list[int] = field(default_factory=list)
@@ -127,6 +128,7 @@ class Mount:
             if tree is None:
                 tree = MountTree(self.cfg.src, keys, self.cache, allow_plain=self.cfg.allow_plain,
                                  allow_unverified_plain=self.cfg.allow_unverified_plain,
+                                 source_io=self.cfg.source_io,
                                  access=access_checker(self.cfg.allow_uids, self.cfg.allow_gids),
                                  policy_input=policy_input_for(self.cfg))
             else:

@@ -27,6 +27,7 @@ from .errors import (
 from .header import Header, TensorInfo, canonical_signed_message, read_header_named
 from .keys import KeySet
 from .signing import verify
+from .source import Source
 
 # segment kinds
 ENC_CHUNK, ENC_WHOLE, PLAIN_VERIFIED, PLAIN_RAW = range(4)
@@ -46,26 +47,6 @@ class _Tensor:
     tags: bytes | None = None        # v2 tags / v1 tag
     digests: bytes | None = None     # plain tensors with the ctfs extension
     seg_size: int = PLAIN_SEGMENT
-
-
-class _ScratchPool:
-    """Reusable ciphertext buffers (chunk + tag), shared by all threads."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def get(self) -> bytearray:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return bytearray(self.size)
-
-    def put(self, buf: bytearray) -> None:
-        with self._lock:
-            if len(self._free) < 16:
-                self._free.append(buf)
 
 
 _POOLS: dict[int, object] = {}
@@ -88,12 +69,16 @@ class CryptoFile:
     ``allow_unverified_plain``: accept unencrypted tensors that no signed digest covers
     (files written by the reference); off by default because their bytes can be altered
     without detection. ``policy_input``: the input document for the embedded policy.
+    ``source_io``: how chunk ciphertext is read, ``auto`` (``O_DIRECT`` unless the page
+    cache holds it), ``buffered`` or ``direct``: see :mod:`ctfs.source`.
     """
 
     def __init__(self, path: str | os.PathLike, keys: KeySet | None, *,
                  require_encrypted: bool = True, allow_unverified_plain: bool = False,
-                 policy_input: dict | None = None, check_policy: bool = True):
+                 policy_input: dict | None = None, check_policy: bool = True,
+                 source_io: str = "auto"):
         self.path = os.fspath(path)
+        self._source_io, self._source = source_io, None
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self._open(keys, require_encrypted, allow_unverified_plain, policy_input, check_policy)
@@ -206,7 +191,8 @@ class CryptoFile:
         self.segment_starts, self._seg_end, self._seg_owner, self._seg_index = starts, ends, owner, index
         sizes = [e - s for s, e, t in zip(starts, ends, owner) if t.kind != ENC_WHOLE]
         self.max_segment_size = max(sizes) if sizes else aead.DEFAULT_CHUNK_SIZE
-        self._scratch = _ScratchPool(self.max_segment_size + aead.TAG_LEN)
+        self._source = Source(self._fd, self.path, self._source_io,
+                              max_length=self.max_segment_size, extra=aead.TAG_LEN)
 
     # --- properties ------------------------------------------------------------------
     @property
@@ -244,10 +230,12 @@ class CryptoFile:
 
     # --- reading ---------------------------------------------------------------------
     def _pread_exact(self, buf: memoryview, offset: int, t: _Tensor, idx: int) -> None:
-        got = os.preadv(self._fd, [buf], self.data_start + offset)
-        if got != len(buf):
-            raise IntegrityError(f"{self.path}: tensor {t.info.name!r} chunk {idx}: file is "
-                                 f"truncated", path=self.path, tensor=t.info.name, chunk=idx)
+        if os.preadv(self._fd, [buf], self.data_start + offset) != len(buf):
+            raise self._truncated(t, idx)
+
+    def _truncated(self, t: _Tensor, idx: int) -> IntegrityError:
+        return IntegrityError(f"{self.path}: tensor {t.info.name!r} chunk {idx}: file is "
+                              f"truncated", path=self.path, tensor=t.info.name, chunk=idx)
 
     def read_segment(self, i: int, out) -> int:
         """Decrypt and authenticate segment ``i`` into ``out`` (at least its size); return
@@ -258,18 +246,19 @@ class CryptoFile:
         out = memoryview(out)[:n]
         kind = t.kind
         if kind == ENC_CHUNK:
-            buf = self._scratch.get()
+            buf, at, got = self._source.read(self.data_start + start, n)
             try:
-                mv = memoryview(buf)
-                self._pread_exact(mv[:n], start, t, idx)
-                mv[n:n + 16] = t.tags[16 * idx:16 * idx + 16]
-                try:
-                    aead.open_into(t.cipher, aead.chunk_nonce(t.nonce, idx), mv[:n + 16], out)
-                except aead.InvalidTag:
-                    out[:] = bytes(n)
-                    raise self._fail(t, idx, "authentication tag mismatch") from None
+                if got != n:
+                    raise self._truncated(t, idx)
+                with buf[at:at + n + 16] as sealed:
+                    sealed[n:] = t.tags[16 * idx:16 * idx + 16]
+                    try:
+                        aead.open_into(t.cipher, aead.chunk_nonce(t.nonce, idx), sealed, out)
+                    except aead.InvalidTag:
+                        out[:] = bytes(n)
+                        raise self._fail(t, idx, "authentication tag mismatch") from None
             finally:
-                self._scratch.put(buf)
+                self._source.release(buf)
         elif kind == ENC_WHOLE:
             self._read_whole_v1(t, out)
         else:
@@ -284,26 +273,19 @@ class CryptoFile:
     def _read_whole_v1(self, t: _Tensor, out: memoryview) -> None:
         n = t.info.nbytes
         opener = aead.stream_opener(self.alg, bytes(t.dek), t.nonce, t.tags)
-        buf = self._scratch.get()
-        if len(buf) < (1 << 20) + 16:  # the pool is sized by the file's chunks, maybe tiny
-            self._scratch.put(buf)
-            buf = bytearray(max(1, min(n, 1 << 20)) + 16)
-        step = len(buf) - 16
+        step = max(1, min(n, 1 << 20))
+        buf, tmp = bytearray(step), bytearray(step + 15)
+        mv = memoryview(buf)
+        for off in range(0, n, step):
+            m = min(step, n - off)
+            self._pread_exact(mv[:m], t.info.start + off, t, 0)
+            k = opener.update_into(mv[:m], tmp)
+            out[off:off + k] = memoryview(tmp)[:k]
         try:
-            mv = memoryview(buf)
-            tmp = bytearray(step + 15)
-            for off in range(0, n, step):
-                m = min(step, n - off)
-                self._pread_exact(mv[:m], t.info.start + off, t, 0)
-                k = opener.update_into(mv[:m], tmp)
-                out[off:off + k] = memoryview(tmp)[:k]
-            try:
-                opener.verify(t.tags)
-            except aead.InvalidTag:
-                out[:] = bytes(n)
-                raise self._fail(t, 0, "authentication tag mismatch") from None
-        finally:
-            self._scratch.put(buf)
+            opener.verify(t.tags)
+        except aead.InvalidTag:
+            out[:] = bytes(n)
+            raise self._fail(t, 0, "authentication tag mismatch") from None
 
     def _fail(self, t: _Tensor, idx: int, why: str) -> IntegrityError:
         return IntegrityError(f"{self.path}: tensor {t.info.name!r} chunk {idx}: {why}",
@@ -392,6 +374,9 @@ class CryptoFile:
             if t.dek is not None:
                 t.dek[:] = bytes(len(t.dek))
             t.cipher = None
+        if getattr(self, "_source", None) is not None:
+            self._source.close()
+            self._source = None
         if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1

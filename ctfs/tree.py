@@ -53,14 +53,15 @@ class MountTree:
     """
 
     def __init__(self, src: str, keys: KeySet, cache, *, allow_plain: bool = False,
-                 allow_unverified_plain: bool = False,
+                 allow_unverified_plain: bool = False, source_io: str = "auto",
                  access: Callable[[int, int], bool] | None = None,
                  policy_input: Callable[[str], dict] | None = None,
                  progress: Callable[[str], None] | None = None):
         self.src = os.path.abspath(src)
         self.cache = cache
         self.access = access
-        self._opts = dict(allow_plain=allow_plain, allow_unverified_plain=allow_unverified_plain)
+        self._opts = dict(allow_plain=allow_plain, allow_unverified_plain=allow_unverified_plain,
+                          source_io=source_io)
         self._policy_input = policy_input
         self._progress = progress
         self._nodes: dict[str, Node] = {}
@@ -136,7 +137,7 @@ class MountTree:
                 self._progress(path)
             policy_input = self._policy_input(path) if self._policy_input else None
             cf = CryptoFile(path, keys, allow_unverified_plain=self._opts["allow_unverified_plain"],
-                            policy_input=policy_input)
+                            policy_input=policy_input, source_io=self._opts["source_io"])
         except MountRefused:
             raise
         except CtfsError as e:
