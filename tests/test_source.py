@@ -1,6 +1,7 @@
 """ctfs.source: ciphertext reads that go around the page cache when it does not hold them."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -39,6 +40,17 @@ def cached(path) -> int:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def source(path, mode, **kw):
+    fd = os.open(path, os.O_RDONLY)
+    src = S.Source(fd, str(path), mode, **kw)
+    try:
+        yield src
+    finally:
+        src.close()
+        os.close(fd)
+
+
 @pytest.fixture
 def blob(tmp_path):
     data = os.urandom(3 * (1 << 20) + 1234)
@@ -69,9 +81,7 @@ def test_cached_pages_counts_what_the_page_cache_holds(blob):
 def test_read_returns_exact_bytes_at_any_offset(blob, mode, offset, length):
     p, data = blob
     uncache(p)
-    fd = os.open(p, os.O_RDONLY)
-    src = S.Source(fd, str(p), mode, max_length=(1 << 20) + 17, extra=16)
-    try:
+    with source(p, mode, max_length=(1 << 20) + 17, extra=16) as src:
         buf, at, got = src.read(offset, length)
         want = data[offset:offset + length]
         assert got == len(want)  # short only at the end of the file
@@ -79,17 +89,12 @@ def test_read_returns_exact_bytes_at_any_offset(blob, mode, offset, length):
         assert len(buf) >= at + length + 16  # room for a tag after the bytes
         src.release(buf)
         assert (src.direct_reads, src.buffered_reads) == ((0, 1) if mode == "buffered" else (1, 0))
-    finally:
-        src.close()
-        os.close(fd)
 
 
 def test_auto_reads_cached_ciphertext_from_the_cache_and_leaves_uncached_uncached(blob):
     p, data = blob
-    fd = os.open(p, os.O_RDONLY)
-    src = S.Source(fd, str(p), "auto", max_length=1 << 20)
-    try:
-        os.pread(fd, len(data), 0)  # all cached (it was just written, and read)
+    with source(p, "auto", max_length=1 << 20) as src:
+        os.pread(src.fd, len(data), 0)  # all cached (it was just written, and read)
         buf, at, got = src.read(1 << 20, 1 << 20)
         assert bytes(buf[at:at + got]) == data[1 << 20:2 << 20]
         src.release(buf)
@@ -103,16 +108,11 @@ def test_auto_reads_cached_ciphertext_from_the_cache_and_leaves_uncached_uncache
             src.release(buf)
         assert (src.direct_reads, src.buffered_reads) == (4, 1)
         assert cached(p) == 0  # no second copy of the ciphertext was left in memory
-    finally:
-        src.close()
-        os.close(fd)
 
 
 def test_buffers_are_reused_and_huge_page_aligned(blob):
     p, _ = blob
-    fd = os.open(p, os.O_RDONLY)
-    src = S.Source(fd, str(p), "direct", max_length=1 << 20, extra=16)
-    try:
+    with source(p, "direct", max_length=1 << 20, extra=16) as src:
         seen = set()
         for i in range(20):
             buf, at, got = src.read((i % 3) << 20, 1 << 20)
@@ -122,16 +122,11 @@ def test_buffers_are_reused_and_huge_page_aligned(blob):
         assert seen.pop() % S.HUGE == 0
         with pytest.raises(ValueError, match="more than"):
             src.read(0, (1 << 20) + 1)
-    finally:
-        src.close()
-        os.close(fd)
 
 
 def test_refused_o_direct_falls_back_to_the_page_cache(blob, monkeypatch, caplog):
     p, data = blob
     uncache(p)
-    fd = os.open(p, os.O_RDONLY)
-    src = S.Source(fd, str(p), "auto", max_length=1 << 20)
     real = os.preadv
 
     def preadv(f, bufs, off, *a):
@@ -140,36 +135,27 @@ def test_refused_o_direct_falls_back_to_the_page_cache(blob, monkeypatch, caplog
         return real(f, bufs, off, *a)
 
     monkeypatch.setattr(os, "preadv", preadv)
-    try:
+    with source(p, "auto", max_length=1 << 20) as src:
         for _ in range(2):
             buf, at, got = src.read(5, 1 << 20)
             assert bytes(buf[at:at + got]) == data[5:5 + (1 << 20)]
             src.release(buf)
         assert (src.direct_reads, src.buffered_reads) == (0, 2)
         assert "O_DIRECT read refused" in caplog.text
-    finally:
-        src.close()
-        os.close(fd)
 
 
 def test_other_read_errors_are_not_swallowed(blob, monkeypatch):
     p, _ = blob
     uncache(p)
-    fd = os.open(p, os.O_RDONLY)
-    src = S.Source(fd, str(p), "direct", max_length=1 << 20)
 
     def preadv(f, bufs, off, *a):
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "preadv", preadv)
-    try:
+    with source(p, "direct", max_length=1 << 20) as src:
         with pytest.raises(OSError) as ei:
             src.read(0, 100)
         assert ei.value.errno == errno.EIO
-    finally:
-        monkeypatch.undo()
-        src.close()
-        os.close(fd)
 
 
 def test_unknown_mode_is_refused(blob):
