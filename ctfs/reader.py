@@ -27,7 +27,7 @@ from .errors import (
 from .header import Header, TensorInfo, canonical_signed_message, read_header_named
 from .keys import KeySet
 from .signing import verify
-from .source import Source
+from .source import READ_AHEAD, Source
 
 # segment kinds
 ENC_CHUNK, ENC_WHOLE, PLAIN_VERIFIED, PLAIN_RAW = range(4)
@@ -246,7 +246,8 @@ class CryptoFile:
         out = memoryview(out)[:n]
         kind = t.kind
         if kind == ENC_CHUNK:
-            buf, at, got = self._source.read(self.data_start + start, n)
+            buf, at, got = self._source.read(self.data_start + start, n,
+                                             lambda: self._next_chunks(i))
             try:
                 if got != n:
                     raise self._truncated(t, idx)
@@ -269,6 +270,14 @@ class CryptoFile:
                     raise self._fail(t, idx, "sha256 of unencrypted tensor bytes does not match "
                                              "the signed digest")
         return n
+
+    def _next_chunks(self, i: int) -> list[tuple[int, int]]:
+        """File ranges of the encrypted chunks right after segment i (what a sequential
+        reader wants next)."""
+        starts, ends, owner = self.segment_starts, self._seg_end, self._seg_owner
+        return [(self.data_start + starts[j], ends[j] - starts[j])
+                for j in range(i + 1, min(i + 1 + READ_AHEAD, len(starts)))
+                if owner[j].kind == ENC_CHUNK]
 
     def _read_whole_v1(self, t: _Tensor, out: memoryview) -> None:
         n = t.info.nbytes

@@ -138,18 +138,44 @@ def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
+#: direct reads a sequential reader keeps in flight ahead of itself, per file
+READ_AHEAD = 2
+#: reads at most this far behind the furthest one still belong to the same sequential stream
+#: (the chunk cache's readahead runs a few chunks ahead of the reads it serves)
+STREAM_WINDOW = 16 << 20
+_io_pool = None
+_io_pool_lock = threading.Lock()
+
+
+def _io_threads():
+    global _io_pool
+    with _io_pool_lock:
+        if _io_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _io_pool = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ctfs-io")
+        return _io_pool
+
+
 class Source:
     """Positioned reads of one open file: from the page cache, or ``O_DIRECT`` into pooled
-    buffers. ``max_length``: the longest ``read``; ``extra``: room wanted after its bytes."""
+    buffers. ``max_length``: the longest ``read``; ``extra``: room wanted after its bytes.
+
+    Direct reads have no kernel readahead behind them. So when a direct read continues a
+    sequential stream, the next ranges its caller names are read on I/O threads (up to
+    ``READ_AHEAD`` at a time), and a later ``read`` of such a range takes the result.
+    """
 
     def __init__(self, fd: int, path: str, mode: str = "auto", *, max_length: int,
                  extra: int = 0):
         if mode not in MODES:
             raise ValueError(f"source I/O mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.fd, self.path, self.mode, self.max_length = fd, path, mode, max_length
-        self._pool = _Pool(buffer_size(max_length, extra))
-        self._dfd = -1
-        self.direct_reads = self.buffered_reads = 0  # counts (tests, inspection)
+        self._pool = _Pool(buffer_size(max_length, extra), keep=8 + 2 * READ_AHEAD)
+        self._dfd = self._stale = -1
+        self._lock = threading.Lock()
+        self._ahead: dict[tuple[int, int], object] = {}  # (offset, length) -> Future
+        self._front: int | None = None  # end of the furthest read of the current stream
+        self.direct_reads = self.buffered_reads = self.ahead_hits = 0  # tests, inspection
         if mode != "buffered":
             try:  # the same open file, reopened (the path might name another file by now)
                 self._dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
@@ -165,17 +191,42 @@ class Source:
         have = cached_pages(self.fd, start, end - start)
         return have is None or have < (end - start) // ALIGN
 
-    def read(self, offset: int, length: int) -> tuple[memoryview, int, int]:
+    def read(self, offset: int, length: int, ahead=None) -> tuple[memoryview, int, int]:
         """Read LENGTH bytes at OFFSET. Returns ``(buf, at, got)``: the bytes are
         ``buf[at:at+got]``, with ``extra`` bytes of room after them; ``got < length`` only
-        at the end of the file. Give BUF back with :meth:`release`."""
+        at the end of the file. Give BUF back with :meth:`release`. ``ahead``: a function
+        giving the (offset, length) ranges likely read next; called only to read them ahead."""
         if length > self.max_length:
             raise ValueError(f"a read of {length} bytes, more than {self.max_length}")
+        with self._lock:
+            fut = self._ahead.pop((offset, length), None)
+            front = self._front
+            sequential = front is not None and -STREAM_WINDOW <= offset - front <= ALIGN
+            self._front = max(front, offset + length) if sequential else offset + length
+        result = None
+        if fut is not None:
+            try:
+                result = fut.result()
+                self.ahead_hits += 1
+            except Exception:  # read it again here; that read reports the error, if any
+                log.debug("%s: read-ahead of %d+%d failed", self.path, offset, length,
+                          exc_info=True)
+        direct = result is not None
+        if result is None:
+            result, direct = self._read(offset, length, None)
+        if direct and sequential and ahead is not None:
+            self._read_ahead(ahead())
+        return result
+
+    def _read(self, offset: int, length: int, direct: bool | None):
+        """One read into a pool buffer: ((buf, at, got), whether it went direct)."""
         buf = self._pool.get()
         try:
             start, end = span(offset, length)
-            if self._direct(start, end):
-                dfd = self._dfd
+            if direct is None:
+                direct = self._direct(start, end)
+            dfd = self._dfd
+            if direct and dfd >= 0:
                 try:
                     got = os.preadv(dfd, [buf[:end - start]], start)
                 except OSError as e:
@@ -185,31 +236,59 @@ class Source:
                 else:
                     self.direct_reads += 1
                     at = offset - start
-                    return buf, at, max(0, min(length, got - at))
+                    return (buf, at, max(0, min(length, got - at))), True
             self.buffered_reads += 1
-            return buf, 0, os.preadv(self.fd, [buf[:length]], offset)
+            return (buf, 0, os.preadv(self.fd, [buf[:length]], offset)), False
         except BaseException:
             self._pool.put(buf)
             raise
+
+    def _read_ahead(self, ranges) -> None:
+        with self._lock:
+            if self._dfd < 0:
+                return
+            for off, n in ranges[:READ_AHEAD]:
+                key = (off, n)
+                if key in self._ahead or n > self.max_length:
+                    continue
+                while len(self._ahead) >= 2 * READ_AHEAD:  # the oldest was not wanted after all
+                    self._discard(self._ahead.pop(next(iter(self._ahead))))
+                self._ahead[key] = _io_threads().submit(lambda o=off, k=n: self._read(o, k, True)[0])
+
+    def _discard(self, fut) -> None:
+        def give_back(f):
+            if not f.cancelled() and f.exception() is None:
+                self._pool.put(f.result()[0])
+        if not fut.cancel():
+            fut.add_done_callback(give_back)
 
     def _refused(self, dfd: int, e: OSError) -> None:
         # Some file systems open with O_DIRECT but refuse the reads (or want a coarser
         # alignment): read buffered from now on. The descriptor stays open until close(),
         # as another thread may be reading through it.
-        if self._dfd == dfd and dfd >= 0:
-            log.warning("%s: O_DIRECT read refused (%s); reading through the page cache",
-                     self.path, e.strerror or e)
-            self._stale, self._dfd = dfd, -1
+        with self._lock:
+            if self._dfd == dfd and dfd >= 0:
+                log.warning("%s: O_DIRECT read refused (%s); reading through the page cache",
+                            self.path, e.strerror or e)
+                self._stale, self._dfd = dfd, -1
 
     def release(self, buf: memoryview) -> None:
         """Give back a buffer that :meth:`read` returned."""
         self._pool.put(buf)
 
     def close(self) -> None:
-        """Close the ``O_DIRECT`` descriptor (not FD: it is the caller's) and free buffers."""
-        for name in ("_dfd", "_stale"):
-            fd = getattr(self, name, -1)
+        """Wait for reads ahead, close the ``O_DIRECT`` descriptor (not FD: it is the
+        caller's) and free the buffers."""
+        with self._lock:
+            pending, self._ahead = list(self._ahead.values()), {}
+            dfd, stale, self._dfd, self._stale = self._dfd, self._stale, -1, -1
+        for fut in pending:
+            if not fut.cancel():
+                try:
+                    self._pool.put(fut.result()[0])
+                except Exception:
+                    pass
+        for fd in (dfd, stale):
             if fd >= 0:
                 os.close(fd)
-                setattr(self, name, -1)
         self._pool.close()
