@@ -134,6 +134,19 @@ def _unmap(m: mmap.mmap, view: memoryview) -> None:
         pass
 
 
+_pools: dict[int, _Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def _shared_pool(size: int) -> _Pool:
+    """One pool per buffer size for the whole process: a model of many shards keeps a few
+    buffers in all, not a few per file."""
+    with _pools_lock:
+        if size not in _pools:
+            _pools[size] = _Pool(size, keep=8 + 2 * READ_AHEAD)
+        return _pools[size]
+
+
 def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
@@ -170,7 +183,7 @@ class Source:
         if mode not in MODES:
             raise ValueError(f"source I/O mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.fd, self.path, self.mode, self.max_length = fd, path, mode, max_length
-        self._pool = _Pool(buffer_size(max_length, extra), keep=8 + 2 * READ_AHEAD)
+        self._pool = _shared_pool(buffer_size(max_length, extra))
         self._dfd = self._stale = -1
         self._lock = threading.Lock()
         self._ahead: dict[tuple[int, int], object] = {}  # (offset, length) -> Future
@@ -277,8 +290,8 @@ class Source:
         self._pool.put(buf)
 
     def close(self) -> None:
-        """Wait for reads ahead, close the ``O_DIRECT`` descriptor (not FD: it is the
-        caller's) and free the buffers."""
+        """Wait for reads ahead and close the ``O_DIRECT`` descriptor (not FD: it is the
+        caller's). The buffers stay in the process-wide pool (ciphertext only)."""
         with self._lock:
             pending, self._ahead = list(self._ahead.values()), {}
             dfd, stale, self._dfd, self._stale = self._dfd, self._stale, -1, -1
@@ -291,4 +304,3 @@ class Source:
         for fd in (dfd, stale):
             if fd >= 0:
                 os.close(fd)
-        self._pool.close()

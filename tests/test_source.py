@@ -252,3 +252,16 @@ def test_mount_leaves_uncached_ciphertext_out_of_the_page_cache(enc_file, tmp_pa
         assert pages >= data_pages
     else:
         assert pages <= 4 + (h.data_start + PAGE - 1) // PAGE  # the header, read at mount
+
+
+def test_files_share_one_buffer_pool(blob, tmp_path):
+    p, _ = blob
+    q = tmp_path / "other.bin"
+    q.write_bytes(os.urandom(1 << 20))
+    with source(p, "direct", max_length=1 << 20) as a, source(q, "direct", max_length=1 << 20) as b:
+        assert a._pool is b._pool  # many shards keep a few buffers in all, not a few each
+        buf, _, _ = a.read(0, 1 << 20)
+        a.release(buf)
+        buf2, _, _ = b.read(0, 1 << 20)
+        assert buf2 is buf
+        b.release(buf2)
