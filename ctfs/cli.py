@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import CtfsError
+from .source import MODES as SOURCE_IO_MODES
 
 log = logging.getLogger("ctfs")
 
@@ -331,7 +332,7 @@ def _set_options(values: dict) -> dict:
               help="Bound of the decrypted-chunk cache.")
 @click.option("--readahead", type=int, default=3, show_default=True, help="Chunks decrypted ahead of sequential reads.")
 @click.option("--direct-io", is_flag=True, help="Keep plaintext out of the kernel page cache.")
-@click.option("--source-io", type=click.Choice(["auto", "buffered", "direct"]), default="auto",
+@click.option("--source-io", type=click.Choice(SOURCE_IO_MODES), default="auto",
               show_default=True,
               help="How ciphertext is read: auto reads with O_DIRECT what the page cache does "
                    "not hold (no second copy of the model in memory); buffered always goes "

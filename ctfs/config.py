@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import CtfsError
+from .source import MODES as SOURCE_IO_MODES
 
 CONFIG_DIR = "/etc/ctfs"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -149,17 +150,13 @@ def _path(v, where):
     return v
 
 
-def _source_io(v, where):
-    from .source import MODES
-    if not isinstance(v, str) or v.lower() not in MODES:
-        raise ConfigError(f"{where} must be one of {', '.join(MODES)}, not {v!r}")
-    return v.lower()
-
-
-def _log_level(v, where):
-    if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
-        raise ConfigError(f"{where} must be one of {', '.join(LOG_LEVELS)}, not {v!r}")
-    return v.lower()
+def _one_of(choices):
+    """A checker for a string that must be one of CHOICES (any case); gives it lower-cased."""
+    def check(v, where):
+        if not isinstance(v, str) or v.lower() not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {v!r}")
+        return v.lower()
+    return check
 
 
 def _metrics(v, where):
@@ -184,14 +181,14 @@ KEYS: dict[str, tuple[str, str, Callable]] = {
     "cache_size": ("cache_size", "cache_size", _size),
     "readahead": ("readahead", "readahead", _nonneg_int),
     "direct_io": ("direct_io", "direct_io", _bool),
-    "source_io": ("source_io", "source_io", _source_io),
+    "source_io": ("source_io", "source_io", _one_of(SOURCE_IO_MODES)),
     "allow_plain": ("allow_plain", "allow_plain", _bool),
     "allow_unverified_plain": ("allow_unverified_plain", "allow_unverified_plain", _bool),
     "allow_uids": ("allow_uids", "allow_uid", _ids("user")),
     "allow_gids": ("allow_gids", "allow_gid", _ids("group")),
     "timeout": ("timeout", "timeout", _duration),
     "recheck": ("recheck", "recheck", _duration),
-    "log_level": ("log_level", "log_level", _log_level),
+    "log_level": ("log_level", "log_level", _one_of(LOG_LEVELS)),
     "metrics": ("metrics", "metrics", _metrics),
 }
 PATH_KEYS = ("source", "mountpoint")

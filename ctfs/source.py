@@ -119,12 +119,6 @@ class _Pool:
                 return
         _unmap(m, view)
 
-    def close(self) -> None:
-        with self._lock:
-            free, self._free = self._free, []
-        for m, view in free:
-            _unmap(m, view)
-
 
 def _unmap(m: mmap.mmap, view: memoryview) -> None:
     view.release()
