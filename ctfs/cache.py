@@ -52,6 +52,8 @@ import threading
 import time
 from typing import Any, Hashable, Protocol, Sequence
 
+from .hugemem import address, huge_mapping
+
 __all__ = ["ChunkCache", "SegmentSource"]
 
 log = logging.getLogger("ctfs.cache")
@@ -120,15 +122,14 @@ class _Buffer:
         self.pooled = pooled
         self.closed = False
         self.used = 0  # high-water mark of bytes that may hold plaintext
-        self.mm = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # Huge pages (ctfs.hugemem): the kernel copies read replies straight out of this
+        # buffer (ctfs.fuse_reply) and pins its pages one at a time to do so.
+        self.mm, self.mv = huge_mapping(cap)
         try:
             self.mm.madvise(mmap.MADV_DONTDUMP)  # keep plaintext out of core dumps
         except (AttributeError, OSError, ValueError):
             pass
-        cbuf = (ctypes.c_char * cap).from_buffer(self.mm)
-        self.addr = ctypes.addressof(cbuf)
-        del cbuf  # drop the buffer export again
-        self.mv = memoryview(self.mm)
+        self.addr = address(self.mv)
         self.locked = False
         self.lock_error = ""
         if want_lock:
@@ -342,6 +343,53 @@ class ChunkCache:
             pos = s + b
             i += 1
         return end - offset
+
+    def read_pinned(self, source: SegmentSource, source_key: Hashable, offset: int, n: int,
+                    consume: Any, max_segments: int = 64) -> Any:
+        """Call ``consume(views)`` with memoryviews of the cached plaintext of data bytes
+        [offset, offset+n) (clipped at ``data_len``), every chunk pinned for the call, and
+        return its result: lets a caller hand the plaintext on without copying it first.
+
+        Returns None without calling ``consume`` where that would be unsafe or pointless:
+        an empty range, one spanning more than ``max_segments`` segments, or a later
+        segment that would have to wait for room while an earlier one is pinned (a foreground
+        read pins one chunk at a time and never waits holding a pin). Exceptions from
+        ``read_segment`` and ``consume`` propagate."""
+        if offset < 0:
+            raise ValueError("negative offset")
+        if self._closed:
+            raise ValueError("ChunkCache is closed")
+        data_len = source.data_len
+        if n <= 0 or offset >= data_len:
+            return None
+        end = min(offset + n, data_len)
+        starts = source.segment_starts
+        first = bisect.bisect_right(starts, offset) - 1
+        last = bisect.bisect_right(starts, end - 1) - 1
+        if last - first >= max_segments:
+            return None
+        if self._ra_depth and self._n_workers:
+            self._note_access(source, source_key, offset, end, first, last)
+        chunks: list[_Chunk] = []
+        views: list[memoryview] = []
+        try:
+            for i in range(first, last + 1):
+                s = starts[i]
+                ch = self._get_chunk(source, source_key, i, s, source.segment_end(i), wait=not chunks)
+                if ch is None:
+                    return None
+                chunks.append(ch)
+                views.append(ch.buf.mv[max(offset, s) - s:min(end, source.segment_end(i)) - s])  # type: ignore[union-attr]
+            result = consume(views)
+            if self._recycle:
+                for ch, v in zip(chunks, views):
+                    self._mark_served(ch, len(v))
+            return result
+        finally:
+            for v in views:
+                v.release()
+            for ch in chunks:
+                self._unpin(ch)
 
     def wipe(self, timeout: float | None = 5.0, *, release: bool = False) -> bool:
         """Zero and drop every cached chunk and cancel pending readahead.
@@ -569,8 +617,10 @@ class ChunkCache:
             finally:
                 self._mem_waiters -= 1
 
-    def _get_chunk(self, source: Any, skey: Hashable, idx: int, start: int, end: int) -> _Chunk:
-        """Return a READY chunk for segment ``idx``, pinned by the caller."""
+    def _get_chunk(self, source: Any, skey: Hashable, idx: int, start: int, end: int,
+                   wait: bool = True) -> _Chunk | None:
+        """Return a READY chunk for segment ``idx``, pinned by the caller. With ``wait``
+        false, None where loading it would have to wait for room."""
         key = (skey, idx)
         lock = self._lock
         lock.acquire()
@@ -618,7 +668,10 @@ class ChunkCache:
                 ch.transient = True
             self._map[key] = ch
             try:
-                buf, needs_zero = self._acquire_locked(cap, wait=True, for_readahead=False)
+                buf, needs_zero = self._acquire_locked(cap, wait=wait, for_readahead=False)
+            except _NoRoom as e:
+                self._fail_locked(ch, e, None)
+                return None
             except BaseException as e:
                 self._fail_locked(ch, e, None)
                 raise

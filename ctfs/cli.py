@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import CtfsError
+from .fuse_reply import MODES as FUSE_REPLY_MODES
 from .source import MODES as SOURCE_IO_MODES
 
 log = logging.getLogger("ctfs")
@@ -337,6 +338,11 @@ def _set_options(values: dict) -> dict:
               help="How ciphertext is read: auto reads with O_DIRECT what the page cache does "
                    "not hold (no second copy of the model in memory); buffered always goes "
                    "through the page cache; direct never does.")
+@click.option("--fuse-reply", type=click.Choice(FUSE_REPLY_MODES), default="auto",
+              show_default=True,
+              help="How reads are answered: auto writes the reply to /dev/fuse straight from "
+                   "the decrypted-chunk cache (falls back to copy where libfuse is not as "
+                   "expected); copy copies it into libfuse's reply buffer first.")
 @click.option("--allow-plain", is_flag=True, help="Serve plain safetensors files found in SRC.")
 @click.option("--allow-unverified-plain", is_flag=True,
               help="Serve unencrypted tensors that no signed digest covers (reference-written files).")
@@ -354,7 +360,7 @@ def _set_options(values: dict) -> dict:
               "(systemd-creds provider; default ctfs-keys).")
 @_with_options(_VAULT_AUTH_OPTIONS + _VAULT_STORAGE_OPTIONS)
 def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, readahead, direct_io,
-          source_io, allow_plain, allow_unverified_plain, allow_uid, allow_gid, timeout, foreground, log_level,
+          source_io, fuse_reply, allow_plain, allow_unverified_plain, allow_uid, allow_gid, timeout, foreground, log_level,
           recheck=None, credential=None, config_file=None, metrics=None, **vault_options):
     """Mount the CryptoTensors directory SRC at MOUNTPOINT as plain safetensors files.
 
@@ -373,7 +379,7 @@ def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, r
                       provider_options={"key_file": key_file, "insecure_perms": insecure_perms,
                                         **_set_options({"credential": credential, **vault_options})},
                       cache_size=cache_size, readahead=readahead, direct_io=direct_io,
-                      source_io=source_io,
+                      source_io=source_io, fuse_reply=fuse_reply,
                       allow_plain=allow_plain, allow_unverified_plain=allow_unverified_plain,
                       allow_uids=_ids(allow_uid, "uid"), allow_gids=_ids(allow_gid, "gid"),
                       timeout=timeout, recheck=recheck, foreground=foreground,

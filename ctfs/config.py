@@ -9,6 +9,7 @@ override the file (click's parameter source tells given flags from defaults)::
     readahead = 3                           # --readahead
     direct_io = false                       # --direct-io
     source_io = "auto"                      # --source-io (auto, buffered or direct)
+    fuse_reply = "auto"                     # --fuse-reply (auto or copy)
     allow_plain = false                     # --allow-plain
     allow_unverified_plain = false          # --allow-unverified-plain
     allow_uids = ["vllm"]                   # --allow-uid (names or numbers)
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import CtfsError
+from .fuse_reply import MODES as FUSE_REPLY_MODES
 from .source import MODES as SOURCE_IO_MODES
 
 CONFIG_DIR = "/etc/ctfs"
@@ -182,6 +184,7 @@ KEYS: dict[str, tuple[str, str, Callable]] = {
     "readahead": ("readahead", "readahead", _nonneg_int),
     "direct_io": ("direct_io", "direct_io", _bool),
     "source_io": ("source_io", "source_io", _one_of(SOURCE_IO_MODES)),
+    "fuse_reply": ("fuse_reply", "fuse_reply", _one_of(FUSE_REPLY_MODES)),
     "allow_plain": ("allow_plain", "allow_plain", _bool),
     "allow_unverified_plain": ("allow_unverified_plain", "allow_unverified_plain", _bool),
     "allow_uids": ("allow_uids", "allow_uid", _ids("user")),

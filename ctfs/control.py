@@ -412,6 +412,10 @@ def format_status(st: dict) -> str:
         lines.append(f"kernel      dev {k.get('dev')}, {mode}, read-ahead "
                      f"{'?' if ra is None else f'{ra} KiB'}; {k.get('read_requests', 0)} read "
                      f"requests, largest {_size(k.get('max_read_request', 0))}")
+        off = k.get("fuse_reply_off")
+        lines.append(f"replies     {k.get('direct_replies', 0)} written from the chunk cache"
+                     + (f"; direct replies off: {off}" if off else
+                        "" if k.get("fuse_reply") == "direct" else "; copying (--fuse-reply copy)"))
     return "\n".join(lines)
 
 

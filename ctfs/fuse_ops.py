@@ -7,8 +7,11 @@ it and how bytes are produced. This module only translates FUSE callbacks:
   EACCES, ``OSError`` -> its errno, anything unexpected -> EIO (logged on
   ``ctfs.fuse``); the daemon never dies of a callback;
 * the file system is read-only: every mutating call -> EROFS (the mount is also ``ro``);
-* ``read`` writes straight into libfuse's reply buffer: :class:`CtfsFUSE` overrides
-  mfusepy's ``read`` glue and hands ``Tree.read_into`` a ``memoryview`` over the C buffer
+* ``read`` answers from the tree's memory where it can: with ``Tree.read_pinned``
+  (optional) the tree hands over views of its decrypted chunks, and
+  :class:`ctfs.fuse_reply.DirectReplier` writes the reply to ``/dev/fuse`` from them
+  (``fuse_reply="auto"``); otherwise, and for ``fuse_reply="copy"``, :class:`CtfsFUSE`
+  hands ``Tree.read_into`` a ``memoryview`` over libfuse's reply buffer
   (``PyMemoryView_FromMemory``), so no bytes object is allocated per request;
 * ``open`` sets ``fi.keep_cache`` (page cache kept between opens, mmap works) or, in
   ``direct_io`` mode, ``fi.direct_io`` (MAP_PRIVATE still works; MAP_SHARED needs
@@ -34,6 +37,7 @@ Tree protocol (implemented by the core)::
         def listdir(self, path) -> list[str]
         def open(self, path, uid, gid, pid) -> int
         def read_into(self, fh, offset, out: memoryview) -> int
+        def read_pinned(self, fh, offset, size, consume) -> Any   # optional
         def release(self, fh) -> None
         def statfs(self) -> dict | None          # optional
 
@@ -201,6 +205,7 @@ class CtfsOperations(mfusepy.Operations):
         max_background: int = 64,
         congestion_threshold: int = 48,
         on_init: Optional[Callable[[], None]] = None,
+        fuse_reply: str = "auto",
     ) -> None:
         self.tree = tree
         self.direct_io = bool(direct_io)
@@ -227,6 +232,11 @@ class CtfsOperations(mfusepy.Operations):
         # Kernel page-cache invalidation (see invalidate_kernel_cache).
         self.mountpoint: Optional[str] = None   # set by mountd.serve (fallback needs it)
         self.fuse_ptr: Optional[int] = None     # struct fuse *, valid from init to destroy
+        if fuse_reply not in ("auto", "copy"):
+            raise ValueError(f"fuse_reply must be auto or copy, not {fuse_reply!r}")
+        self.fuse_reply = fuse_reply            # "auto": direct replies (ctfs.fuse_reply)
+        self.replier = None                     # its DirectReplier, from init to destroy
+        self._read_pinned = getattr(tree, "read_pinned", None)  # optional in the protocol
         self._inval_lock = threading.Lock()
         self._inval_tids: set[int] = set()      # daemon threads opening for invalidation
         register = getattr(tree, "set_kernel_invalidator", None)
@@ -273,6 +283,13 @@ class CtfsOperations(mfusepy.Operations):
                     self.fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse or None
         except Exception:  # noqa: BLE001
             log.exception("could not capture the libfuse handle (invalidation falls back)")
+        if self.fuse_reply == "auto" and self.replier is None:
+            try:
+                from .fuse_reply import DirectReplier
+                ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
+                self.replier = DirectReplier.for_fuse(mfusepy._libfuse._name, ptr)
+            except Exception as e:  # noqa: BLE001
+                log.warning("direct FUSE replies unavailable (%s); reads copy through libfuse", e)
         if self.on_init is not None:
             try:
                 self.on_init()
@@ -282,8 +299,20 @@ class CtfsOperations(mfusepy.Operations):
     def destroy(self, path: str) -> None:
         with self._inval_lock:  # struct fuse is freed after this returns
             self.fuse_ptr = None
+        if self.replier is not None:
+            self.replier.close()  # the session is gone; its counters stay readable
         log.debug("FUSE destroy (max read request %d bytes, %d reads)",
                   self.max_read_request, self.read_requests)
+
+    def reply_stats(self) -> dict:
+        """How reads are answered: ``fuse_reply`` "direct" (``ctfs.fuse_reply``) or
+        "copy", replies written directly so far, and why direct replies are off, if so."""
+        r = self.replier
+        out = {"fuse_reply": "direct" if r is not None and r.enabled else "copy",
+               "direct_replies": r.replies if r is not None else 0}
+        if r is not None and r.why_off:
+            out["fuse_reply_off"] = r.why_off
+        return out
 
     # -- metadata --------------------------------------------------------------------
 
@@ -421,6 +450,25 @@ class CtfsOperations(mfusepy.Operations):
             except BufferError:  # tree kept an export of the C buffer: a tree bug
                 log.error("Tree.read_into kept a reference to the FUSE buffer")
         return n
+
+    @_guard
+    def read_direct(self, fh: int, offset: int, size: int) -> Optional[bool]:
+        """Answer the read being served by writing its reply from the chunk cache
+        (``ctfs.fuse_reply``). True: answered, libfuse must get 0 bytes; None: not
+        applicable or direct replies are off, fill libfuse's buffer instead."""
+        rep, pinned = self.replier, self._read_pinned
+        if rep is None or pinned is None or size <= 0:
+            return None
+        unique = rep.unique()
+        if unique is None:
+            return None
+        sent = pinned(fh, offset, size, lambda views: rep.send(unique, views))
+        if sent:
+            self.read_requests += 1
+            if size > self.max_read_request:
+                self.max_read_request = size
+            return True
+        return None
 
     @_guard
     def _read_into(self, fh: int, offset: int, mv: memoryview) -> int:
@@ -564,6 +612,8 @@ class CtfsFUSE(mfusepy.FUSE):
     def read(self, path, buf, size, offset, fip) -> int:  # noqa: D401 - libfuse glue
         fi = fip.contents
         fh = fi.fh
+        if self.operations.replier is not None and self.operations.read_direct(fh, offset, size):
+            return 0  # answered on /dev/fuse already; libfuse's empty reply is refused
         return self.operations.read_into_address(
             ctypes.cast(buf, ctypes.c_void_p).value, size, offset, fh
         )

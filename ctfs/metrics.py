@@ -12,8 +12,8 @@ Exposed (all prefixed ``ctfs_``): ``up``, ``mount_info{mountpoint,source,provide
 ``cache_hits_total``, ``cache_misses_total``, ``cache_evictions_total``,
 ``bytes_decrypted_total``, ``decrypt_seconds_total``, ``readahead_issued_total``,
 ``readahead_hits_total``, ``readahead_dropped_total``, ``integrity_failures_total``, and
-once the mount serves ``fuse_read_requests_total``, ``fuse_max_read_request_bytes``,
-``fuse_read_ahead_bytes``.
+once the mount serves ``fuse_read_requests_total``, ``fuse_direct_replies_total``,
+``fuse_max_read_request_bytes``, ``fuse_read_ahead_bytes``.
 """
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ def _families(status: dict):
     fuse = status.get("fuse")
     if fuse:  # present once the mount serves
         yield counter("fuse_read_requests", "FUSE read requests served.", fuse.get("read_requests", 0))
+        yield counter("fuse_direct_replies", "FUSE read replies written to /dev/fuse straight "
+                      "from the chunk cache.", fuse.get("direct_replies", 0))
         yield gauge("fuse_max_read_request_bytes", "Largest FUSE read request so far (1 MiB when "
                     "the kernel tuning took effect).", fuse.get("max_read_request", 0))
         if fuse.get("read_ahead_kb") is not None:

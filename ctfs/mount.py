@@ -28,6 +28,7 @@ class MountConfig:
     readahead: int = 3
     direct_io: bool = False
     source_io: str = "auto"        # how ciphertext is read (ctfs.source)
+    fuse_reply: str = "auto"       # how reads are answered (ctfs.fuse_reply)
     allow_plain: bool = False
     allow_unverified_plain: bool = False
     allow_uids: list[int] = field(default_factory=list)
@@ -254,6 +255,7 @@ def run(cfg: MountConfig, on_ready=None) -> int:
     rc = 1
     try:
         rc = mountd.serve(m.tree, cfg.mountpoint, foreground=True, direct_io=cfg.direct_io,
+                          fuse_reply=cfg.fuse_reply,
                           allow_other=bool(cfg.allow_uids or cfg.allow_gids),
                           fsname=f"ctfs:{os.path.abspath(cfg.src)}", on_ready=ready, on_stop=stopped,
                           on_kernel_stats=lambda fn: setattr(m, "kernel_stats", fn))

@@ -273,7 +273,8 @@ def _kernel_stats(ent: MountEntry, ops, direct_io: bool, keep_cache: bool) -> di
             "keep_cache": bool(keep_cache and not direct_io),
             "read_ahead_kb": _read_sysfs_int(f"/sys/class/bdi/{ent.dev}/read_ahead_kb"),
             "max_background": _read_sysfs_int(f"{conn}/max_background"),
-            "read_requests": ops.read_requests, "max_read_request": ops.max_read_request}
+            "read_requests": ops.read_requests, "max_read_request": ops.max_read_request,
+            **ops.reply_stats()}
 
 
 # --------------------------------------------------------------------------------------
@@ -536,7 +537,8 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
           on_stop: Optional[Callable[[], None]] = None,
           keep_cache: bool = True, read_ahead_kb: int = READ_AHEAD_KB,
           ready_timeout: float = 30.0,
-          on_kernel_stats: Optional[Callable[[Callable[[], dict]], None]] = None) -> int:
+          on_kernel_stats: Optional[Callable[[Callable[[], dict]], None]] = None,
+          fuse_reply: str = "auto") -> int:
     """Mount ``tree`` read-only at ``mountpoint`` and serve it; returns an exit status.
 
     Foreground: blocks until unmounted (0) or SIGTERM/SIGINT/SIGHUP (unmounts, 0); 1 when
@@ -553,7 +555,7 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
                           allow_other=allow_other, fsname=fsname, on_ready=on_ready,
                           on_stop=on_stop, keep_cache=keep_cache,
                           read_ahead_kb=read_ahead_kb, ready_timeout=ready_timeout,
-                          on_kernel_stats=on_kernel_stats),
+                          on_kernel_stats=on_kernel_stats, fuse_reply=fuse_reply),
             mountpoint, timeout=ready_timeout + 5)
 
     from . import fuse_ops
@@ -572,7 +574,7 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
     ops = CtfsOperations(tree, direct_io=direct_io, keep_cache=keep_cache,
                          max_background=FUSE_MAX_BACKGROUND,
                          congestion_threshold=FUSE_CONGESTION_THRESHOLD,
-                         on_init=init_evt.set)
+                         on_init=init_evt.set, fuse_reply=fuse_reply)
     ops.mountpoint = mp  # kernel page-cache invalidation checks / falls back through it
     result: dict = {}
 
@@ -629,8 +631,9 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
                 log.info("signal %s: unmounting %s", stop["signum"], mp)
                 _stop_mount(mp, force=handled > 1)
             thread.join(0.2)
-        log.info("stopped serving %s (max FUSE read request %d bytes, %d reads)",
-                 mp, ops.max_read_request, ops.read_requests)
+        log.info("stopped serving %s (max FUSE read request %d bytes, %d reads, %d replied "
+                 "from the chunk cache)", mp, ops.max_read_request, ops.read_requests,
+                 ops.reply_stats()["direct_replies"])
         exc = result.get("exc")
         if exc is not None and not stop["requested"]:
             log.error("FUSE loop of %s ended abnormally: %r", mp, exc)

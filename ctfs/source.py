@@ -25,6 +25,8 @@ import mmap
 import os
 import threading
 
+from .hugemem import HUGE, huge_mapping
+
 log = logging.getLogger("ctfs.source")
 
 MODES = ("auto", "buffered", "direct")
@@ -73,15 +75,12 @@ def buffer_size(length: int, extra: int = 0) -> int:
     return span(ALIGN - 1, length + extra)[1]
 
 
-HUGE = 2 << 20  # transparent huge page size (x86_64, aarch64 with 4 KiB pages)
-
-
 class _Pool:
     """Page-aligned buffers of one size, reused by every thread.
 
-    Private anonymous mappings, aligned to and advised for transparent huge pages: a direct
-    read into 4 KiB pages needs a DMA segment per page, which here caps it at ~1.2 GB/s; into
-    2 MiB pages it runs at disk speed with next to no CPU.
+    Huge-page mappings (``ctfs.hugemem``): a direct read into 4 KiB pages needs a DMA
+    segment per page, which here caps it at ~1.2 GB/s; into 2 MiB pages it runs at disk
+    speed with next to no CPU.
     """
 
     def __init__(self, size: int, keep: int = 8):
@@ -96,17 +95,7 @@ class _Pool:
                 m, view = self._free.pop()
                 self._out[id(view)] = m
                 return view
-        size = -(-self.size // HUGE) * HUGE
-        m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        whole = memoryview(m)
-        skip = (-_address(whole)) % HUGE
-        view = whole[skip:skip + size]
-        whole.release()
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                m.madvise(mmap.MADV_HUGEPAGE, skip, size)
-            except OSError:  # THP compiled out: 4 KiB pages still work
-                pass
+        m, view = huge_mapping(-(-self.size // HUGE) * HUGE)
         with self._lock:
             self._out[id(view)] = m
         return view
@@ -139,10 +128,6 @@ def _shared_pool(size: int) -> _Pool:
         if size not in _pools:
             _pools[size] = _Pool(size, keep=8 + 2 * READ_AHEAD)
         return _pools[size]
-
-
-def _address(view: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 #: direct reads a sequential reader keeps in flight ahead of itself, per file

@@ -194,6 +194,27 @@ class MountTree:
                       e.path, e.tensor, e.chunk, e)
             raise OSError(errno.EIO, "integrity failure") from None
 
+    def read_pinned(self, fh: int, offset: int, n: int, consume):
+        """Hand ``consume`` the plaintext of [offset, offset+n) as pinned views of the chunk
+        cache (see ``ChunkCache.read_pinned``); None where that does not apply (pass-through
+        files, the header, ranges over many chunks): use ``read_into`` then."""
+        try:
+            kind, obj, path = self._handles[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, "bad file handle") from None
+        if self.locked:
+            raise PermissionError(errno.EACCES, "mount is locked")
+        if kind == "real" or self.cache is None:
+            return None
+        view = self._nodes[path].view
+        try:
+            return view.read_pinned(offset, n, consume, self.cache, id(view))
+        except IntegrityError as e:
+            self.integrity_failures += 1
+            log.error("integrity failure, returning EIO: file=%s tensor=%s chunk=%s: %s",
+                      e.path, e.tensor, e.chunk, e)
+            raise OSError(errno.EIO, "integrity failure") from None
+
     def release(self, fh: int) -> None:
         entry = self._handles.pop(fh, None)
         if entry and entry[0] == "real":

@@ -36,3 +36,10 @@ class PlainView:
                 got = self.file.read_into(data_off, out[pos:n])
             pos += got
         return pos
+
+    def read_pinned(self, offset: int, n: int, consume, cache, key):
+        """``cache.read_pinned`` for view bytes [offset, offset+n) of the data section
+        (``consume`` gets the pinned plaintext); None for a range that starts in the header."""
+        if offset < self.data_start or offset >= self.size:
+            return None
+        return cache.read_pinned(self.file, key, offset - self.data_start, n, consume)

@@ -634,3 +634,114 @@ def test_recycle_consumed_keeps_a_sequential_scan_in_a_few_hot_buffers():
             # a chunk read only partly (random access) is not recycled first
             c.read_into(src, "k", 5 * 4096 + 10, memoryview(bytearray(100)))
             assert ("k", 5) in c
+
+
+# ------------------------------------------------------------ read_pinned
+
+
+def pinned(cache, src, key, off, n, **kw):
+    """read_pinned with a consume that checks its views are pinned and returns their bytes."""
+    seen = []
+
+    def consume(views):
+        with cache._lock:
+            mine = [ch for ch in cache._map.values() if ch.key[0] == key
+                    and ch.buf is not None and any(v.obj is ch.buf.mm for v in views)]
+            assert len(mine) == len(views) and all(ch.pins > 0 for ch in mine)
+        seen.append([bytes(v) for v in views])
+        return "sent"
+
+    r = cache.read_pinned(src, key, off, n, consume, **kw)
+    return r, (seen[0] if seen else None)
+
+
+def no_pins(cache):
+    with cache._lock:
+        return all(ch.pins == 0 for ch in cache._map.values())
+
+
+def test_read_pinned_gives_the_exact_bytes_of_one_or_two_segments(data):
+    src = FakeSource(data, PAGE)
+    with ChunkCache(20 * PAGE, readahead=0) as c:
+        assert pinned(c, src, "k", 100, 200) == ("sent", [data[100:300]])
+        assert pinned(c, src, "k", PAGE - 10, PAGE) == \
+            ("sent", [data[PAGE - 10:PAGE], data[PAGE:2 * PAGE - 10]])
+        assert pinned(c, src, "k", 2 * PAGE, PAGE) == ("sent", [data[2 * PAGE:3 * PAGE]])
+        # clipped at the end of the data, as read_into is
+        assert pinned(c, src, "k", len(data) - 50, 1000) == ("sent", [data[-50:]])
+        assert no_pins(c)
+        assert all(v == 1 for v in src.calls.values())  # decrypted once, then cached
+
+
+def test_read_pinned_declines_what_it_cannot_pin_safely(data):
+    src = FakeSource(data, PAGE)
+    with ChunkCache(20 * PAGE, readahead=0) as c:
+        called = []
+        for off, n in ((0, 2 * PAGE + 1),          # three segments, more than allowed
+                       (len(data), 10), (0, 0)):    # nothing to send
+            assert c.read_pinned(src, "k", off, n, called.append, max_segments=2) is None
+        assert called == [] and src.calls == {}
+        assert pinned(c, src, "k", 0, 3 * PAGE, max_segments=3)[1] == \
+            [data[:PAGE], data[PAGE:2 * PAGE], data[2 * PAGE:3 * PAGE]]
+        with pytest.raises(ValueError):
+            c.read_pinned(src, "k", -1, 10, called.append)
+
+
+def test_read_pinned_never_waits_for_room_while_holding_a_pin(data):
+    # Room for one chunk only: the second segment of the range would have to wait for the
+    # first (pinned by this very call) to go. It declines instead of deadlocking, and a
+    # read_into (one pin at a time) still serves the range.
+    src = FakeSource(data, PAGE)
+    with ChunkCache(PAGE, readahead=0) as c:
+        called = []
+        assert c.read_pinned(src, "k", PAGE - 10, 20, called.append) is None
+        assert called == [] and no_pins(c)
+        check_bound(c)
+        assert read(c, src, "k", PAGE - 10, 20) == data[PAGE - 10:PAGE + 10]
+
+
+def test_read_pinned_chunks_outlive_a_wipe_until_consume_returns(data):
+    src = FakeSource(data, PAGE)
+    c = ChunkCache(20 * PAGE, readahead=0)
+    got = []
+
+    def consume(views):
+        assert c.wipe(timeout=0.05) is False  # busy: our pins keep the chunks
+        got.append([bytes(v) for v in views])  # not zeroed under us
+        return True
+
+    assert c.read_pinned(src, "k", PAGE - 10, 20, consume) is True
+    assert got == [[data[PAGE - 10:PAGE], data[PAGE:PAGE + 10]]]
+    assert c.wipe(timeout=1) is True  # dropped and zeroed once released
+    assert c.cached_keys() == []
+    assert all(not any(b.mv[:PAGE]) for b in live_buffers(c))
+    c.close()
+
+
+def test_read_pinned_errors_propagate_and_release_everything(data):
+    src = FakeSource(data, PAGE, corrupt={1})
+    with ChunkCache(20 * PAGE, readahead=0) as c:
+        called = []
+        with pytest.raises(IntegrityError):
+            c.read_pinned(src, "k", PAGE - 10, 20, called.append)
+        assert called == [] and no_pins(c)
+        assert ("k", 1) not in c  # a failed chunk is never cached
+
+        def boom(views):
+            raise OSError(5, "consumer failed")
+        with pytest.raises(OSError, match="consumer failed"):
+            c.read_pinned(src, "k", 10, 20, boom)
+        assert no_pins(c)
+        assert read(c, src, "k", 0, 100) == data[:100]
+
+
+def test_read_pinned_counts_as_sequential_access_for_readahead():
+    data = rand_bytes(16 * PAGE, seed=3)
+    src = FakeSource(data, PAGE)
+    with ChunkCache(16 * PAGE, readahead=2) as c:
+        for i in range(4):
+            assert pinned(c, src, "k", i * PAGE, PAGE)[1] == [data[i * PAGE:(i + 1) * PAGE]]
+        deadline = time.monotonic() + 5
+        while ("k", 5) not in c and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ("k", 5) in c  # decrypted ahead of the reader

@@ -25,6 +25,7 @@ cache_size = "8MiB"
 readahead = 0
 direct_io = true
 source_io = "Buffered"
+fuse_reply = "copy"
 allow_plain = true
 allow_unverified_plain = false
 allow_uids = ["root", 5, "7,8"]
@@ -41,7 +42,7 @@ insecure_perms = true
 '''))
     assert fc.values == {
         "src": str(tmp_path / "enc"), "mountpoint": "/mnt/x", "cache_size": 8 << 20, "readahead": 0,
-        "direct_io": True, "source_io": "buffered", "allow_plain": True,
+        "direct_io": True, "source_io": "buffered", "fuse_reply": "copy", "allow_plain": True,
         "allow_unverified_plain": False, "allow_uids": [0, 5, 7, 8], "allow_gids": [0], "timeout": 60.0, "recheck": 30.0,
         "log_level": "debug", "metrics": "127.0.0.1:9101"}
     assert fc.provider == "file"
@@ -59,6 +60,7 @@ insecure_perms = true
     ('[provider]\nname = "nope"', ["unknown key provider 'nope'"]),
     ('direct_io = "yes"', ["direct_io", "true or false"]),
     ('source_io = "mmap"', ["source_io", "auto, buffered, direct", "'mmap'"]),
+    ('fuse_reply = "zero"', ["fuse_reply", "auto, copy", "'zero'"]),
     ('cache_size = "lots"', ["cache_size", "not a size"]),
     ('timeout = "soon"', ["timeout", "not a duration"]),
     ('readahead = -1', ["readahead", "non-negative"]),

@@ -157,6 +157,7 @@ def test_example_config_parses(monkeypatch):
     assert fc.values["mountpoint"] == "/run/ctfs/model" and fc.values["allow_uids"] == [990]
     assert fc.values["cache_size"] == 4 << 30 and fc.values["metrics"] == "127.0.0.1:9101"
     assert fc.values["source_io"] == "auto"
+    assert fc.values["fuse_reply"] == "auto"
 
 
 # --- sd_notify -------------------------------------------------------------------------
