@@ -19,7 +19,7 @@ Design summary
   the loader's exception (waiters of a failed *readahead* load retry the
   decryption themselves, so the error surfaces in a foreground read).
 * Memory: buffers are anonymous ``mmap`` regions (``MADV_DONTDUMP``, ``mlock``
-  attempted).  Segments of up to ``source.max_segment_size`` bytes use pooled
+  attempted; the first ``huge_buffers`` pooled ones in huge pages, see ``ctfs.hugemem``).  Segments of up to ``source.max_segment_size`` bytes use pooled
   buffers of exactly that size, which are reused on eviction (zeroed before
   reuse) and kept zeroed on a free list.  Larger segments get a dedicated
   buffer sized to fit, counted against the same byte bound and unmapped when
@@ -115,16 +115,18 @@ def _round_page(n: int) -> int:
 class _Buffer:
     """An anonymous private mmap used to hold plaintext."""
 
-    __slots__ = ("mm", "mv", "cap", "addr", "pooled", "locked", "lock_error", "closed", "used")
+    __slots__ = ("mm", "mv", "cap", "addr", "pooled", "huge", "locked", "lock_error", "closed",
+                 "used")
 
-    def __init__(self, cap: int, pooled: bool, want_lock: bool) -> None:
+    def __init__(self, cap: int, pooled: bool, want_lock: bool, huge: bool = False) -> None:
         self.cap = cap
         self.pooled = pooled
+        self.huge = huge
         self.closed = False
         self.used = 0  # high-water mark of bytes that may hold plaintext
         # Huge pages (ctfs.hugemem): the kernel copies read replies straight out of this
         # buffer (ctfs.fuse_reply) and pins its pages one at a time to do so.
-        self.mm, self.mv = huge_mapping(cap)
+        self.mm, self.mv = huge_mapping(cap, huge)
         try:
             self.mm.madvise(mmap.MADV_DONTDUMP)  # keep plaintext out of core dumps
         except (AttributeError, OSError, ValueError):
@@ -234,6 +236,9 @@ class ChunkCache:
     max_queue = 64
     #: number of per-source sequential-detection records kept
     max_streams = 4096
+    #: pooled buffers mapped in huge pages (ctfs.hugemem), at most: the ones a sequential
+    #: reader keeps recycling; a cache filling up with random reads gets 4 KiB pages
+    huge_buffers = 16
 
     def __init__(
         self,
@@ -264,6 +269,7 @@ class ChunkCache:
         self._map: collections.OrderedDict[tuple, _Chunk] = collections.OrderedDict()
         self._free: dict[int, list[_Buffer]] = {}
         self._buffers: set[_Buffer] = set()  # every live buffer (tests/inspection)
+        self._huge_live = 0  # of them in huge pages
         self._held = 0
         self._peak = 0
         self._mem_waiters = 0
@@ -516,7 +522,15 @@ class ChunkCache:
     # ------------------------------------------------------------ internals
 
     def _new_buffer(self, cap: int, pooled: bool) -> _Buffer:
-        b = _Buffer(cap, pooled, self._want_mlock)
+        with self._lock:
+            huge = pooled and self._huge_live < self.huge_buffers
+            self._huge_live += huge
+        try:
+            b = _Buffer(cap, pooled, self._want_mlock, huge)
+        except BaseException:
+            with self._lock:
+                self._huge_live -= huge
+            raise
         if self._want_mlock and not b.locked:
             warn = False
             with self._lock:
@@ -535,6 +549,7 @@ class ChunkCache:
 
     def _destroy_locked(self, buf: _Buffer) -> None:
         buf.close()
+        self._huge_live -= buf.huge
         self._buffers.discard(buf)
         self._held -= buf.cap
 

@@ -17,15 +17,15 @@ What this needs from libfuse, besides its public API:
 * the request being served: ``fuse_get_context()`` returns the first member of libfuse's
   per-thread ``struct fuse_context_i {struct fuse_context ctx; fuse_req_t req;}``, so the
   request pointer sits right after the public ``struct fuse_context``;
-* two fields of ``struct fuse_req``: ``se`` (first) and ``unique`` (second), and ``ch``
-  (after ``ctx``; must be NULL: no ``clone_fd``).
+* three fields of ``struct fuse_req``: ``se`` (first), ``unique`` (second) and ``ch``
+  (right after ``ctx``; must be NULL: no ``clone_fd``).
 
 Both layouts are checked before any reply is written, on every request against the
 session we know (``req->se``) and, the first time, against the public ``fuse_req_ctx(req)``
 (must point into the request at the expected offset and hold the caller's uid/gid/pid). If a
 check fails, direct replies are switched off with one warning and every read takes the
-copying path, which needs nothing private. ``--reply copy`` (config ``reply``) does that
-from the start.
+copying path, which needs nothing private. ``--fuse-reply copy`` (config ``fuse_reply``)
+does that from the start.
 """
 from __future__ import annotations
 

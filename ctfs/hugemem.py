@@ -14,6 +14,13 @@ pieces aligned to 2 MiB. So a buffer is mapped 2 MiB larger than asked and used 
 first 2 MiB boundary; the slack is never touched, so it costs address space, not memory.
 Where THP is missing or no huge page is free, the kernel uses 4 KiB pages: slower, but the
 same bytes.
+
+A *fresh* huge page can cost far more than it saves: on a VM with free page reporting the
+guest has handed its free 2 MiB blocks back to the host, and the first touch of one stalls
+on the host (measured here: random reads through a mount that kept mapping new huge-page
+chunk buffers used 1.0-2.0 CPU-s/GB instead of 0.5). So huge pages are for a few buffers
+that are used again and again: the ciphertext pool, and the chunk cache's first buffers,
+which a sequential reader keeps recycling (``ChunkCache.huge_buffers``).
 """
 from __future__ import annotations
 
@@ -28,11 +35,11 @@ def address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def huge_mapping(size: int) -> tuple[mmap.mmap, memoryview]:
+def huge_mapping(size: int, huge: bool = True) -> tuple[mmap.mmap, memoryview]:
     """A private anonymous mapping and a view of ``size`` bytes of it that starts on a
-    2 MiB boundary, advised for huge pages. Sizes under 2 MiB get a plain mapping (no huge
-    page would fit). Release the view before closing the mapping."""
-    if size < HUGE:
+    2 MiB boundary, advised for huge pages. Sizes under 2 MiB, and ``huge=False``, get a
+    plain mapping. Release the view before closing the mapping."""
+    if size < HUGE or not huge:
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return m, memoryview(m)
     m = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

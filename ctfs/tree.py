@@ -7,6 +7,7 @@ This module has no FUSE dependency; :mod:`ctfs.fuse_ops` calls it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -176,44 +177,43 @@ class MountTree:
             self._handles[fh] = ("real", os.open(node.real, os.O_RDONLY | os.O_CLOEXEC), path)
         return fh
 
-    def read_into(self, fh: int, offset: int, out: memoryview) -> int:
+    def _readable(self, fh: int) -> tuple[str, object, str]:
         try:
-            kind, obj, path = self._handles[fh]
+            entry = self._handles[fh]
         except KeyError:
             raise OSError(errno.EBADF, "bad file handle") from None
         if self.locked:
             raise PermissionError(errno.EACCES, "mount is locked")
-        if kind == "real":
-            return os.preadv(obj, [out], offset)
-        view = self._nodes[path].view  # looked up per read: unlock installs fresh views
+        return entry
+
+    @contextlib.contextmanager
+    def _eio_on_integrity_failure(self):
         try:
-            return view.read_into(offset, out, self.cache, id(view))
+            yield
         except IntegrityError as e:
             self.integrity_failures += 1
             log.error("integrity failure, returning EIO: file=%s tensor=%s chunk=%s: %s",
                       e.path, e.tensor, e.chunk, e)
             raise OSError(errno.EIO, "integrity failure") from None
 
+    def read_into(self, fh: int, offset: int, out: memoryview) -> int:
+        kind, obj, path = self._readable(fh)
+        if kind == "real":
+            return os.preadv(obj, [out], offset)
+        view = self._nodes[path].view  # looked up per read: unlock installs fresh views
+        with self._eio_on_integrity_failure():
+            return view.read_into(offset, out, self.cache, id(view))
+
     def read_pinned(self, fh: int, offset: int, n: int, consume):
         """Hand ``consume`` the plaintext of [offset, offset+n) as pinned views of the chunk
         cache (see ``ChunkCache.read_pinned``); None where that does not apply (pass-through
         files, the header, ranges over many chunks): use ``read_into`` then."""
-        try:
-            kind, obj, path = self._handles[fh]
-        except KeyError:
-            raise OSError(errno.EBADF, "bad file handle") from None
-        if self.locked:
-            raise PermissionError(errno.EACCES, "mount is locked")
+        kind, obj, path = self._readable(fh)
         if kind == "real" or self.cache is None:
             return None
         view = self._nodes[path].view
-        try:
+        with self._eio_on_integrity_failure():
             return view.read_pinned(offset, n, consume, self.cache, id(view))
-        except IntegrityError as e:
-            self.integrity_failures += 1
-            log.error("integrity failure, returning EIO: file=%s tensor=%s chunk=%s: %s",
-                      e.path, e.tensor, e.chunk, e)
-            raise OSError(errno.EIO, "integrity failure") from None
 
     def release(self, fh: int) -> None:
         entry = self._handles.pop(fh, None)

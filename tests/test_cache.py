@@ -745,3 +745,21 @@ def test_read_pinned_counts_as_sequential_access_for_readahead():
         while ("k", 5) not in c and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ("k", 5) in c  # decrypted ahead of the reader
+
+
+def test_only_the_first_pooled_buffers_are_huge_pages():
+    # 2 MiB chunks: huge-page buffers start on a 2 MiB boundary; once huge_buffers of them
+    # live, a cache filling up (random reads) gets 4 KiB pages, and a slot frees on unmap
+    seg = 2 << 20
+    src = FakeSource(b"\x5a" * (6 * seg), seg)
+    with ChunkCache(6 * seg, readahead=0) as c:
+        c.huge_buffers = 2
+        for i in range(4):
+            assert read(c, src, "k", i * seg, 10) == b"\x5a" * 10
+        bufs = live_buffers(c)
+        assert sorted(b.huge for b in bufs) == [False, False, True, True]
+        assert all(b.addr % seg == 0 for b in bufs if b.huge)
+        c.wipe(release=True)
+        assert live_buffers(c) == [] and c._huge_live == 0
+        assert read(c, src, "k", 0, 10) == b"\x5a" * 10
+        assert [b.huge for b in live_buffers(c)] == [True]
