@@ -295,16 +295,32 @@ class ChunkCache:
         self._ra_dropped = 0
 
         if chunk_size:
-            cap = _round_page(int(chunk_size))
-            n = self._capacity // cap
-            for _ in range(n):
-                b = self._new_buffer(cap, pooled=True)
-                with self._lock:
-                    self._held += cap
-                    self._peak = max(self._peak, self._held)
-                    self._free.setdefault(cap, []).append(b)
+            self.reserve(chunk_size, self._capacity // _round_page(int(chunk_size)))
 
     # ------------------------------------------------------------------ API
+
+    def reserve(self, segment_size: int, count: int) -> int:
+        """Map (and mlock: that faults them in) up to ``count`` pooled buffers for segments
+        of ``segment_size`` bytes now, within the bound, so that the first reads find
+        them ready instead of paying for fresh memory. Returns how many were added."""
+        cap = _round_page(int(segment_size))
+        made = 0
+        for _ in range(count):
+            with self._lock:
+                if self._closed or self._held + cap > self._capacity:
+                    break
+                self._held += cap
+                self._peak = max(self._peak, self._held)
+            try:
+                b = self._new_buffer(cap, pooled=True)
+            except BaseException:
+                with self._lock:
+                    self._held -= cap
+                raise
+            with self._lock:
+                self._free.setdefault(cap, []).append(b)
+            made += 1
+        return made
 
     def read_into(self, source: SegmentSource, source_key: Hashable, offset: int, out: Any) -> int:
         """Copy data-section bytes [offset, offset+len(out)) into ``out``.

@@ -35,10 +35,17 @@ def address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
+def touch(view: memoryview) -> None:
+    """Fault in every page of a fresh buffer now (by zeroing it)."""
+    ctypes.memset(address(view), 0, len(view))
+
+
 def huge_mapping(size: int, huge: bool = True) -> tuple[mmap.mmap, memoryview]:
     """A private anonymous mapping and a view of ``size`` bytes of it that starts on a
-    2 MiB boundary, advised for huge pages. Sizes under 2 MiB, and ``huge=False``, get a
-    plain mapping. Release the view before closing the mapping."""
+    2 MiB boundary, its whole 2 MiB pieces advised for huge pages (a 2 MiB chunk plus its
+    16-byte tag takes one huge page and one small one, not two huge ones). Sizes under
+    2 MiB, and ``huge=False``, get a plain mapping. Release the view before closing the
+    mapping."""
     if size < HUGE or not huge:
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return m, memoryview(m)
@@ -48,8 +55,8 @@ def huge_mapping(size: int, huge: bool = True) -> tuple[mmap.mmap, memoryview]:
     view = whole[skip:skip + size]
     whole.release()
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE, skip, size)
+        try:  # whole huge pages only: a tail past the last one stays in 4 KiB pages
+            m.madvise(mmap.MADV_HUGEPAGE, skip, size - size % HUGE)
         except OSError:  # THP compiled out: 4 KiB pages still work
             pass
     return m, view

@@ -121,6 +121,21 @@ class Mount:
         self._recheck_stop = threading.Event()
         self._recheck_thread: threading.Thread | None = None
 
+    def _reserve_buffers(self, tree) -> None:
+        """Fault in, before serving, the buffers a sequential reader cycles through (per
+        chunk size: ciphertext buffers and chunk-cache buffers), so that the first reads do
+        not pay for fresh memory: on a VM a fresh huge page can stall on the host
+        (``ctfs.hugemem``). A dozen or so buffers, within the cache bound."""
+        from .source import READ_AHEAD
+        done = set()
+        for cf in tree.files:
+            size = cf.max_segment_size
+            if cf.crypto is None or size in done:
+                continue
+            done.add(size)
+            cf.reserve_buffers(2 + 2 * READ_AHEAD)
+            self.cache.reserve(size, self.cfg.readahead + 3)
+
     def _authorise(self, tree=None):
         """Fetch keys, verify and unwrap every file; the master key is not kept."""
         from .tree import MountTree
@@ -138,6 +153,7 @@ class Mount:
             keys.wipe()
         self.key_ids = sorted({(cf.crypto.enc.kid, cf.crypto.sign.kid) for cf in tree.files
                                if cf.crypto}, key=str)
+        self._reserve_buffers(tree)
         log.info("authorised %d encrypted file(s) under %s", len(tree.files), self.cfg.src)
         return tree
 

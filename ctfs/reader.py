@@ -194,6 +194,11 @@ class CryptoFile:
         self._source = Source(self._fd, self.path, self._source_io,
                               max_length=self.max_segment_size, extra=aead.TAG_LEN)
 
+    def reserve_buffers(self, count: int) -> None:
+        """Have ``count`` ciphertext buffers of this file's size mapped and faulted in
+        (the pool is shared by every file of that size)."""
+        self._source.reserve(count)
+
     # --- properties ------------------------------------------------------------------
     @property
     def encrypted(self) -> bool:

@@ -25,7 +25,7 @@ import mmap
 import os
 import threading
 
-from .hugemem import HUGE, huge_mapping
+from .hugemem import HUGE, huge_mapping, touch
 
 log = logging.getLogger("ctfs.source")
 
@@ -95,10 +95,23 @@ class _Pool:
                 m, view = self._free.pop()
                 self._out[id(view)] = m
                 return view
-        m, view = huge_mapping(-(-self.size // HUGE) * HUGE)
+        # under 2 MiB: one whole huge page all the same (a direct read into 4 KiB pages is
+        # slow); above: whole huge pages and a small tail
+        m, view = huge_mapping(max(self.size, HUGE))
         with self._lock:
             self._out[id(view)] = m
         return view
+
+    def reserve(self, count: int) -> None:
+        """Have ``count`` buffers mapped and faulted in ahead of the first reads."""
+        while True:
+            with self._lock:
+                if len(self._free) + len(self._out) >= min(count, self._keep):
+                    return
+            m, view = huge_mapping(max(self.size, HUGE))
+            touch(view)
+            with self._lock:
+                self._free.append((m, view))
 
     def put(self, view: memoryview) -> None:
         with self._lock:
@@ -263,6 +276,10 @@ class Source:
                 log.warning("%s: O_DIRECT read refused (%s); reading through the page cache",
                             self.path, e.strerror or e)
                 self._stale, self._dfd = dfd, -1
+
+    def reserve(self, count: int) -> None:
+        """Have ``count`` buffers of the shared pool ready (mapped and faulted in)."""
+        self._pool.reserve(count)
 
     def release(self, buf: memoryview) -> None:
         """Give back a buffer that :meth:`read` returned."""

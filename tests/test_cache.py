@@ -763,3 +763,18 @@ def test_only_the_first_pooled_buffers_are_huge_pages():
         assert live_buffers(c) == [] and c._huge_live == 0
         assert read(c, src, "k", 0, 10) == b"\x5a" * 10
         assert [b.huge for b in live_buffers(c)] == [True]
+
+
+def test_reserve_maps_buffers_that_the_first_reads_use():
+    data = rand_bytes(8 * PAGE, seed=9)
+    src = FakeSource(data, PAGE)
+    with ChunkCache(5 * PAGE, readahead=0) as c:
+        assert c.reserve(PAGE, 3) == 3
+        assert c.stats()["bytes_held"] == 3 * PAGE
+        ready = {id(b) for b in live_buffers(c)}
+        assert all(b.locked == c._mlock_ok for b in live_buffers(c))
+        for i in range(3):
+            assert read(c, src, "k", i * PAGE, PAGE) == data[i * PAGE:(i + 1) * PAGE]
+        assert {id(b) for b in live_buffers(c)} == ready  # no buffer mapped on the read path
+        assert c.reserve(PAGE, 10) == 2  # never past the bound
+        check_bound(c)

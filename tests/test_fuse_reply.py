@@ -240,3 +240,14 @@ def test_mount_answers_reads_from_the_chunk_cache_byte_exact(model, tmp_path, re
     # libfuse's own empty reply to an answered request is refused (ENOENT) without a word
     assert "writing device" not in text  # libfuse: perror("fuse: writing device")
     assert "Traceback" not in text and "WARNING" not in text and "ERROR" not in text
+
+
+def test_mount_maps_its_read_buffers_before_serving(model, tmp_path):
+    import json
+
+    from mounting import ctfs, mounted
+
+    with mounted(model["src"], tmp_path / "mnt", model["key_file"], "--readahead", "2") as mnt:
+        st = json.loads(ctfs("status", mnt, "--json").stdout)["cache"]
+        # readahead + 3 chunk buffers of 256 KiB, mapped before any read
+        assert (st["bytes_held"], st["bytes_cached"]) == (5 * 256 * 1024, 0)

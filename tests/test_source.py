@@ -265,3 +265,21 @@ def test_files_share_one_buffer_pool(blob, tmp_path):
         buf2, _, _ = b.read(0, 1 << 20)
         assert buf2 is buf
         b.release(buf2)
+
+
+def test_reserve_faults_in_pool_buffers_that_reads_then_use(blob):
+    p, data = blob
+    pool = S._Pool(S.buffer_size(1 << 20, 16), keep=4)
+    pool.reserve(3)
+    ready = {addr_of(v) for _, v in pool._free}
+    assert len(ready) == 3 and all(a % S.HUGE == 0 for a in ready)
+    got = [pool.get() for _ in range(3)]
+    assert {addr_of(v) for v in got} == ready
+    for v in got:
+        pool.put(v)
+    pool.reserve(10)
+    assert len(pool._free) == 4  # never more than the pool keeps
+
+
+def addr_of(view) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
