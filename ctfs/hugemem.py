@@ -20,7 +20,8 @@ guest has handed its free 2 MiB blocks back to the host, and the first touch of 
 on the host (measured here: random reads through a mount that kept mapping new huge-page
 chunk buffers used 1.0-2.0 CPU-s/GB instead of 0.5). So huge pages are for a few buffers
 that are used again and again: the ciphertext pool, and the chunk cache's first buffers,
-which a sequential reader keeps recycling (``ChunkCache.huge_buffers``).
+which a sequential reader keeps recycling (``ChunkCache.huge_buffers``). The mount faults
+those in before it serves (``Mount._reserve_buffers``), so no read waits for them.
 """
 from __future__ import annotations
 
