@@ -662,6 +662,8 @@ class ChunkCache:
                 ch = self._map.get(key)
                 if ch is None:
                     break
+                if not wait and ch.state == _LOADING and ch.buf is None:
+                    return None  # its loader may itself be waiting for room
                 ch.pins += 1
                 if ch.state == _LOADING:
                     lock.release()

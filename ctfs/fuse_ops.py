@@ -232,8 +232,9 @@ class CtfsOperations(mfusepy.Operations):
         # Kernel page-cache invalidation (see invalidate_kernel_cache).
         self.mountpoint: Optional[str] = None   # set by mountd.serve (fallback needs it)
         self.fuse_ptr: Optional[int] = None     # struct fuse *, valid from init to destroy
-        if fuse_reply not in ("auto", "copy"):
-            raise ValueError(f"fuse_reply must be auto or copy, not {fuse_reply!r}")
+        from .fuse_reply import MODES as reply_modes
+        if fuse_reply not in reply_modes:
+            raise ValueError(f"fuse_reply must be one of {', '.join(reply_modes)}, not {fuse_reply!r}")
         self.fuse_reply = fuse_reply            # "auto": direct replies (ctfs.fuse_reply)
         self.replier = None                     # its DirectReplier, from init to destroy
         self._read_pinned = getattr(tree, "read_pinned", None)  # optional in the protocol

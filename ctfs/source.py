@@ -95,12 +95,15 @@ class _Pool:
                 m, view = self._free.pop()
                 self._out[id(view)] = m
                 return view
-        # under 2 MiB: one whole huge page all the same (a direct read into 4 KiB pages is
-        # slow); above: whole huge pages and a small tail
-        m, view = huge_mapping(max(self.size, HUGE))
+        m, view = self._map()
         with self._lock:
             self._out[id(view)] = m
         return view
+
+    def _map(self) -> tuple[mmap.mmap, memoryview]:
+        # under 2 MiB: one whole huge page all the same (a direct read into 4 KiB pages is
+        # slow); above: whole huge pages and a small tail
+        return huge_mapping(max(self.size, HUGE))
 
     def reserve(self, count: int) -> None:
         """Have ``count`` buffers mapped and faulted in ahead of the first reads."""
@@ -108,7 +111,7 @@ class _Pool:
             with self._lock:
                 if len(self._free) + len(self._out) >= min(count, self._keep):
                     return
-            m, view = huge_mapping(max(self.size, HUGE))
+            m, view = self._map()
             touch(view)
             with self._lock:
                 self._free.append((m, view))

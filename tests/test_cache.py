@@ -778,3 +778,26 @@ def test_reserve_maps_buffers_that_the_first_reads_use():
         assert {id(b) for b in live_buffers(c)} == ready  # no buffer mapped on the read path
         assert c.reserve(PAGE, 10) == 2  # never past the bound
         check_bound(c)
+
+
+def test_read_pinned_does_not_wait_on_a_load_that_waits_for_room(data):
+    # A chunk-1 placeholder whose loader has no buffer yet (it is waiting for room, which
+    # chunk 0 may be holding): read_pinned, pinning chunk 0, must not wait on it.
+    src = FakeSource(data, PAGE)
+    with ChunkCache(2 * PAGE, readahead=0) as c:
+        assert read(c, src, "k", 0, 10) == data[:10]
+        placeholder = cache_mod._Chunk(("k", 1), 1, PAGE)
+        with c._lock:
+            c._map[("k", 1)] = placeholder  # LOADING, loader's pin only, no buffer
+        called, result = [], []
+        t = threading.Thread(target=lambda: result.append(
+            c.read_pinned(src, "k", PAGE - 10, 20, called.append)), daemon=True)
+        t.start()
+        t.join(5)
+        alive = t.is_alive()
+        placeholder.state = cache_mod._FAILED  # let a stuck reader go before asserting
+        placeholder.event.set()
+        assert not alive and result == [None] and called == []
+        assert placeholder.pins == 1
+        with c._lock:
+            assert c._map[("k", 0)].pins == 0
