@@ -300,14 +300,16 @@ class ChunkCache:
     # ------------------------------------------------------------------ API
 
     def reserve(self, segment_size: int, count: int) -> int:
-        """Map (and mlock: that faults them in) up to ``count`` pooled buffers for segments
-        of ``segment_size`` bytes now, within the bound, so that the first reads find
-        them ready instead of paying for fresh memory. Returns how many were added."""
+        """Have ``count`` free pooled buffers for segments of ``segment_size`` bytes: map
+        (and mlock: that faults them in) as many as are missing now, within the bound, so
+        that the first reads find them ready instead of paying for fresh memory. Returns
+        how many were added (a mount that is locked and unlocked again adds none)."""
         cap = _round_page(int(segment_size))
         made = 0
-        for _ in range(count):
+        while True:
             with self._lock:
-                if self._closed or self._held + cap > self._capacity:
+                if (self._closed or len(self._free.get(cap, ())) >= count
+                        or self._held + cap > self._capacity):
                     break
                 self._held += cap
                 self._peak = max(self._peak, self._held)

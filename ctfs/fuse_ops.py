@@ -278,16 +278,20 @@ class CtfsOperations(mfusepy.Operations):
                 config.use_ino = 0
         except Exception:  # noqa: BLE001
             log.exception("FUSE init tuning failed (continuing with defaults)")
+        ptr = None
         try:  # libfuse sets the context (with our struct fuse *) around init
-            if os.environ.get("CTFS_KERNEL_INVALIDATE") != "open":  # "open": test the fallback
-                with self._inval_lock:
-                    self.fuse_ptr = mfusepy._libfuse.fuse_get_context().contents.fuse or None
+            ptr = mfusepy._libfuse.fuse_get_context().contents.fuse or None
         except Exception:  # noqa: BLE001
-            log.exception("could not capture the libfuse handle (invalidation falls back)")
-        if self.fuse_reply == "auto" and self.replier is None:
+            log.exception("could not capture the libfuse handle (invalidation falls back, "
+                          "reads copy through libfuse)")
+        if os.environ.get("CTFS_KERNEL_INVALIDATE") != "open":  # "open": test the fallback
+            with self._inval_lock:
+                self.fuse_ptr = ptr
+        if self.fuse_reply == "auto" and self.replier is None and not ptr:
+            log.warning("direct FUSE replies unavailable (no struct fuse); reads copy through libfuse")
+        elif self.fuse_reply == "auto" and self.replier is None:
             try:
                 from .fuse_reply import DirectReplier
-                ptr = mfusepy._libfuse.fuse_get_context().contents.fuse
                 self.replier = DirectReplier.for_fuse(mfusepy._libfuse._name, ptr)
             except Exception as e:  # noqa: BLE001
                 log.warning("direct FUSE replies unavailable (%s); reads copy through libfuse", e)

@@ -801,3 +801,12 @@ def test_read_pinned_does_not_wait_on_a_load_that_waits_for_room(data):
         assert placeholder.pins == 1
         with c._lock:
             assert c._map[("k", 0)].pins == 0
+
+
+def test_reserve_tops_up_instead_of_adding_each_time():
+    # a mount reserves again after every unlock; a kept (wiped) pool must not grow
+    with ChunkCache(10 * PAGE, readahead=0) as c:
+        assert c.reserve(PAGE, 3) == 3
+        c.wipe()
+        assert c.reserve(PAGE, 3) == 0
+        assert c.stats()["bytes_held"] == 3 * PAGE
