@@ -1,21 +1,19 @@
-"""Shared fixtures. The reference vectors live in ../shared beside the repository (CI
-clones the repo with shared/ next to it); CTFS_SHARED overrides the location."""
+"""Shared fixtures. The reference vectors (files the ``cryptotensors`` 0.2.3 wheel wrote) live
+in the repository, in ``format/vectors/reference`` (its README says how they were made)."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED = pathlib.Path(os.environ.get("CTFS_SHARED", ROOT.parent / "shared"))
-VECTORS = SHARED / "vectors" / "reference"
+VECTORS = ROOT / "format" / "vectors" / "reference"
 
 
 @pytest.fixture(scope="session")
 def ref_vectors() -> pathlib.Path:
-    assert VECTORS.is_dir(), f"reference vectors not found at {VECTORS} (set CTFS_SHARED)"
+    assert (VECTORS / "manifest.json").is_file(), f"reference vectors missing from {VECTORS}"
     return VECTORS
 
 
@@ -26,7 +24,7 @@ def ref_manifest(ref_vectors) -> dict:
 
 def ref_keys(ref_vectors, keys_file):
     from ctfs.keys import KeySet
-    return KeySet.load(ref_vectors / keys_file, insecure_perms=True)  # shared vectors are 0444
+    return KeySet.load(ref_vectors / keys_file, insecure_perms=True)  # test keys, 0644 in git
 
 
 def jwk_pair(keyset):
