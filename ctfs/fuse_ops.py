@@ -60,10 +60,16 @@ from typing import Any, Callable, Optional
 log = logging.getLogger("ctfs.fuse")
 
 
+#: mfusepy releases whose glue ctfs builds on (``FUSE.read``'s arguments, ``init_with_config``);
+#: pyproject.toml pins the same range.
+MFUSEPY_RANGE = ((3, 0), (4, 0))
+
+
 def _load_mfusepy():
-    """Import mfusepy bound to libfuse3 (it would pick libfuse2 first, capped at 128 KiB)."""
+    """Import mfusepy bound to libfuse3 (it would pick libfuse2 first, capped at 128 KiB);
+    (the module, the libfuse3 library name it loaded)."""
+    lib = os.environ.get("FUSE_LIBRARY_PATH") or ctypes.util.find_library("fuse3") or "libfuse3.so.3"
     if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
-        lib = ctypes.util.find_library("fuse3") or "libfuse3.so.3"
         os.environ["FUSE_LIBRARY_PATH"] = lib
         try:
             import mfusepy as m
@@ -77,10 +83,36 @@ def _load_mfusepy():
             f"{m.fuse_version_minor}; import ctfs.fuse_ops before mfusepy or set "
             "FUSE_LIBRARY_PATH=libfuse3.so.3"
         )
-    return m
+    check_mfusepy(m)
+    return m, lib
 
 
-mfusepy = _load_mfusepy()
+def check_mfusepy(m) -> None:
+    """ImportError naming the fix unless mfusepy is a release ctfs was built against."""
+    import importlib.metadata as md
+    import inspect
+    try:
+        version = md.version("mfusepy")
+    except md.PackageNotFoundError:
+        version = getattr(m, "__version__", "unknown")
+    lo, hi = MFUSEPY_RANGE
+    try:
+        parts = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        parts = None
+    params = list(inspect.signature(m.FUSE.read).parameters) if hasattr(m, "FUSE") else []
+    if parts is None or not lo <= parts < hi or params != ["self", "path", "buf", "size", "offset", "fip"] \
+            or not hasattr(m.Operations, "init_with_config"):
+        raise ImportError(
+            f"ctfs needs mfusepy >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} (found {version}, whose FUSE.read "
+            f"takes {params}); install it with: pip install 'mfusepy>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}'")
+
+
+mfusepy, LIBFUSE_NAME = _load_mfusepy()
+#: our own handle on the libfuse3 mfusepy loaded (dlopen gives the same library; our
+#: argtypes/restypes do not touch mfusepy's)
+LIBFUSE = ctypes.CDLL(LIBFUSE_NAME)
+LIBFUSE.fuse_get_context.restype, LIBFUSE.fuse_get_context.argtypes = ctypes.c_void_p, ()
 FuseOSError = mfusepy.FuseOSError
 _FUSE_CAP_AUTO_INVAL_DATA = 1 << 12  # fuse_common.h
 FUSE_VERSION = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
@@ -100,7 +132,7 @@ def install_libfuse_logger() -> bool:
     if _log_func_ref is not None:
         return True
     try:
-        libfuse = mfusepy._libfuse
+        libfuse = LIBFUSE
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         vsnprintf = libc.vsnprintf
         vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
@@ -280,7 +312,8 @@ class CtfsOperations(mfusepy.Operations):
             log.exception("FUSE init tuning failed (continuing with defaults)")
         ptr = None
         try:  # libfuse sets the context (with our struct fuse *) around init
-            ptr = mfusepy._libfuse.fuse_get_context().contents.fuse or None
+            ctx = LIBFUSE.fuse_get_context()  # struct fuse_context *; .fuse comes first
+            ptr = ctypes.c_void_p.from_address(ctx).value if ctx else None
         except Exception:  # noqa: BLE001
             log.exception("could not capture the libfuse handle (invalidation falls back, "
                           "reads copy through libfuse)")
@@ -292,7 +325,7 @@ class CtfsOperations(mfusepy.Operations):
         elif self.fuse_reply == "auto" and self.replier is None:
             try:
                 from .fuse_reply import DirectReplier
-                self.replier = DirectReplier.for_fuse(mfusepy._libfuse._name, ptr)
+                self.replier = DirectReplier.for_fuse(LIBFUSE_NAME, ptr)
             except Exception as e:  # noqa: BLE001
                 log.warning("direct FUSE replies unavailable (%s); reads copy through libfuse", e)
         if self.on_init is not None:
@@ -597,7 +630,7 @@ def _invalidate_path_fn():
     """libfuse3's ``int fuse_invalidate_path(struct fuse *, const char *)`` or None."""
     if not _INVALIDATE_PATH:
         try:
-            fn = mfusepy._libfuse.fuse_invalidate_path
+            fn = LIBFUSE.fuse_invalidate_path
             fn.argtypes = (ctypes.c_void_p, ctypes.c_char_p)
             fn.restype = ctypes.c_int
         except AttributeError:

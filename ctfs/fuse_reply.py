@@ -21,11 +21,15 @@ What this needs from libfuse, besides its public API:
   (right after ``ctx``; must be NULL: no ``clone_fd``).
 
 Both layouts are checked before any reply is written, on every request against the
-session we know (``req->se``) and, the first time, against the public ``fuse_req_ctx(req)``
-(must point into the request at the expected offset and hold the caller's uid/gid/pid). If a
-check fails, direct replies are switched off with one warning and every read takes the
-copying path, which needs nothing private. ``--fuse-reply copy`` (config ``fuse_reply``)
-does that from the start.
+session we know (``req->se``) and the caller's uid/gid/pid (which ``fuse_get_context()`` and
+``req->ctx`` must agree on) and, the first time, against the public ``fuse_req_ctx(req)``
+(must point into the request at the expected offset). No private pointer is dereferenced
+before it is verified: the request pointer and the request are read with
+``process_vm_readv(2)`` on this process, which fails with EFAULT on an address that is not
+mapped instead of crashing the daemon, and the pointer must be aligned. If a check fails (or
+the kernel refuses ``process_vm_readv``), direct replies are switched off with one warning
+and every read takes the copying path, which needs nothing private. ``--fuse-reply copy``
+(config ``fuse_reply``) does that from the start.
 """
 from __future__ import annotations
 
@@ -65,8 +69,37 @@ CTX_IN_REQ = (UNIQUE_IN_REQ + 8 + 4 + (_PTR - 1)) // _PTR * _PTR + _MUTEX
 CH_IN_REQ = CTX_IN_REQ + ctypes.sizeof(_FuseCtx)
 
 
+_CONTEXT_I_SIZE = REQ_IN_CONTEXT + _PTR
+_REQ_SIZE = CH_IN_REQ + _PTR
+
+
 class LayoutError(RuntimeError):
     pass
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_vm_readv = _libc.process_vm_readv
+_vm_readv.restype = ctypes.c_ssize_t
+_vm_readv.argtypes = (ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.POINTER(_IOVec),
+                      ctypes.c_ulong, ctypes.c_ulong)
+
+
+def peek(address: int, size: int, what: str = "memory") -> bytes:
+    """``size`` bytes at ``address`` of this process, read with ``process_vm_readv(2)``: an
+    address that is not mapped gives LayoutError (EFAULT), never a crash."""
+    buf = ctypes.create_string_buffer(size)
+    local, remote = _IOVec(ctypes.addressof(buf), size), _IOVec(address, size)
+    n = _vm_readv(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n != size:
+        err = ctypes.get_errno() if n < 0 else 0
+        raise LayoutError(f"{what} at {address:#x} is not readable"
+                          f" ({os.strerror(err) if err else f'{n} of {size} bytes'})")
+    return buf.raw
+
 
 
 class DirectReplier:
@@ -116,30 +149,34 @@ class DirectReplier:
         """The session ended (FUSE destroy): never write to its descriptor again."""
         self.enabled = False
 
-    def _request(self) -> int:
-        """The ``fuse_req_t`` of the read this thread is serving; LayoutError if the
-        structures are not what this module expects."""
-        ctx = self._get_context()
+    def _request(self) -> bytes:
+        """The bytes of the ``struct fuse_req`` this thread is serving (verified, copied
+        out); LayoutError if the structures are not what this module expects."""
+        ctx = self._get_context()  # public API: a valid struct fuse_context *, or NULL
         if not ctx:
             raise LayoutError("no FUSE context on this thread")
-        c = _FuseContext.from_address(ctx)
+        raw = peek(ctx, _CONTEXT_I_SIZE, "fuse_context_i")
+        c = _FuseContext.from_buffer_copy(raw)
         if c.fuse != self.fuse_ptr:
             raise LayoutError("fuse_context.fuse is not this mount's")
-        req = ctypes.c_void_p.from_address(ctx + REQ_IN_CONTEXT).value
-        if not req or ctypes.c_void_p.from_address(req + SE_IN_REQ).value != self.session:
+        req = ctypes.c_void_p.from_buffer_copy(raw, REQ_IN_CONTEXT).value
+        if not req or req % _PTR:
+            raise LayoutError(f"fuse_context_i.req {req or 0:#x} is not a request pointer")
+        r = peek(req, _REQ_SIZE, "fuse_context_i.req")  # LayoutError if req is not mapped
+        if ctypes.c_void_p.from_buffer_copy(r, SE_IN_REQ).value != self.session:
             raise LayoutError("fuse_context_i.req->se is not this mount's session")
-        if ctypes.c_void_p.from_address(req + CH_IN_REQ).value:
+        rctx = _FuseCtx.from_buffer_copy(r, CTX_IN_REQ)
+        if (rctx.uid, rctx.gid, rctx.pid) != (c.uid, c.gid, c.pid):
+            raise LayoutError("req->ctx disagrees with fuse_get_context()")
+        if ctypes.c_void_p.from_buffer_copy(r, CH_IN_REQ).value:
             raise LayoutError("request came on a cloned channel (clone_fd)")
         if not self._checked:
             with self._check_lock:
                 rc = self._req_ctx(req)
                 if rc != req + CTX_IN_REQ:
                     raise LayoutError(f"fuse_req_ctx(req) at +{(rc or 0) - req}, expected +{CTX_IN_REQ}")
-                r = _FuseCtx.from_address(rc)
-                if (r.uid, r.gid, r.pid) != (c.uid, c.gid, c.pid):
-                    raise LayoutError("fuse_req_ctx(req) disagrees with fuse_get_context()")
                 self._checked = True
-        return req
+        return r
 
     def unique(self) -> Optional[int]:
         """The kernel's id of the request being served, or None (direct replies off)."""
@@ -150,7 +187,7 @@ class DirectReplier:
         except LayoutError as e:
             self.disable(str(e))
             return None
-        u = ctypes.c_uint64.from_address(req + UNIQUE_IN_REQ).value
+        u = ctypes.c_uint64.from_buffer_copy(req, UNIQUE_IN_REQ).value
         if u == 0 or u & 1:  # the kernel's ids are even (bit 0 marks interrupts)
             self.disable(f"implausible request id {u:#x}")
             return None

@@ -134,11 +134,15 @@ class MetricsServer:
     def __init__(self, address: str):
         try:
             from prometheus_client import CollectorRegistry, make_wsgi_app
-            from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+            from prometheus_client.exposition import ThreadingWSGIServer
         except ImportError:
             raise MetricsError("--metrics needs the prometheus-client package "
                                "(pip install 'ctfs[metrics]')") from None
-        from wsgiref.simple_server import make_server
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, format, *args):  # noqa: A002 - no access log on stderr
+                pass
         self.host, self.port = parse_address(address)
         try:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
@@ -154,7 +158,7 @@ class MetricsServer:
         self.registry.register(MountCollector(self._current_status))
         try:
             self.httpd = make_server(sockaddr[0], sockaddr[1], make_wsgi_app(self.registry), Server,
-                                     handler_class=_SilentHandler)
+                                     handler_class=QuietHandler)
         except OSError as e:
             raise MetricsError(f"metrics address {address}: {e.strerror or e}") from None
         self.address = self.httpd.server_address[:2]

@@ -497,7 +497,39 @@ def _precheck(source: Any) -> str | None:
     return None
 
 
-def _worker_main() -> None:
+#: regopy releases whose internals ctfs uses (``regopy.rego_shared``'s C functions on an
+#: ``Interpreter``'s ``_impl``, for error messages and single bindings); pyproject.toml pins
+#: the same range, and the worker checks it before it says it is ready.
+REGOPY_RANGE = ((1, 5), (1, 6))
+_REGOPY_NEEDS = ("rego", "rego_node_get", "rego_node_size", "rego_node_value", "rego_free_output",
+                 "rego_output_node", "rego_output_ok", "rego_output_string", "rego_query")
+
+
+def check_regopy(regopy: Any) -> str | None:
+    """Why this regopy cannot serve as ctfs's engine, with the fix, or None if it can."""
+    lo, hi = REGOPY_RANGE
+    pin = f"regopy>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}"
+    version = str(getattr(regopy, "__version__", "unknown"))
+    try:
+        ok = lo <= tuple(int(x) for x in version.split(".")[:2]) < hi
+    except ValueError:
+        ok = False
+    missing = [n for n in _REGOPY_NEEDS if not hasattr(getattr(regopy, "rego_shared", None), n)]
+    if not hasattr(getattr(regopy, "Interpreter", None), "__init__") or missing:
+        ok = False
+    if ok:
+        try:
+            ok = hasattr(regopy.Interpreter(), "_impl")
+        except Exception:  # noqa: BLE001
+            ok = False
+    if ok:
+        return None
+    return (f"ctfs needs {pin} (found regopy {version}"
+            + (f", without rego_shared.{', '.join(missing)}" if missing else "")
+            + f"); install it with: pip install '{pin}'")
+
+
+def worker_main() -> None:
     """Entry point of the engine worker: one JSON request per line on stdin."""
     # rego-cpp prints diagnostics on stdout: keep a private copy of stdout for replies
     # and point fd 1 at /dev/null.
@@ -507,8 +539,11 @@ def _worker_main() -> None:
     os.close(devnull)
     try:
         import regopy
+        import regopy.rego_shared  # noqa: F401 - check_regopy looks inside
+        why = check_regopy(regopy)
         regopy.set_default_log_level("None")
-        hello = {"ready": True, "engine": f"regopy {regopy.__version__}"}
+        hello = {"ready": True, "engine": f"regopy {regopy.__version__}"} if why is None else \
+            {"ready": False, "error": why}
     except Exception as exc:  # noqa: BLE001
         hello = {"ready": False, "error": f"{type(exc).__name__}: {exc}"}
     reply.write(json.dumps(hello) + "\n")
@@ -543,7 +578,7 @@ class _EngineWorker:
     def _spawn(self) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         boot = (f"import sys; sys.path.insert(0, {root!r}); "
-                "from ctfs.policy import _worker_main; _worker_main()")
+                "from ctfs.policy import worker_main; worker_main()")
         env = dict(os.environ)
         env.pop("PYTHONSTARTUP", None)
         self._proc = subprocess.Popen(

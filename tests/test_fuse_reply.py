@@ -98,10 +98,13 @@ def test_reply_header_and_bytes_are_exact(fake):
 @pytest.mark.parametrize("break_it, why", [
     (lambda f: Fake.set(f.ctx, 0, ctypes.c_void_p, FUSE_PTR + 8), "not this mount's"),
     (lambda f: Fake.set(f.req, FR.SE_IN_REQ, ctypes.c_void_p, 0x77), "session"),
-    (lambda f: Fake.set(f.ctx, FR.REQ_IN_CONTEXT, ctypes.c_void_p, 0), "session"),
+    (lambda f: Fake.set(f.ctx, FR.REQ_IN_CONTEXT, ctypes.c_void_p, 0), "is not a request pointer"),
+    (lambda f: Fake.set(f.ctx, FR.REQ_IN_CONTEXT, ctypes.c_void_p, Fake.addr(f.req) + 3),
+     "is not a request pointer"),
+    (lambda f: Fake.set(f.ctx, FR.REQ_IN_CONTEXT, ctypes.c_void_p, unmapped_page()), "is not readable (Bad address)"),
     (lambda f: Fake.set(f.req, FR.CH_IN_REQ, ctypes.c_void_p, 0x99), "clone_fd"),
     (lambda f: setattr(f, "req_ctx", lambda req: req + FR.CTX_IN_REQ + 8), "fuse_req_ctx(req) at +72"),
-    (lambda f: Fake.set(f.req, FR.CTX_IN_REQ + 8, ctypes.c_int32, PID + 1), "disagrees"),
+    (lambda f: Fake.set(f.req, FR.CTX_IN_REQ + 8, ctypes.c_int32, PID + 1), "req->ctx disagrees"),
     (lambda f: Fake.set(f.req, FR.UNIQUE_IN_REQ, ctypes.c_uint64, 0x1001), "implausible request id"),
     (lambda f: Fake.set(f.req, FR.UNIQUE_IN_REQ, ctypes.c_uint64, 0), "implausible request id"),
     (lambda f: setattr(f, "get_context", lambda: None), "no FUSE context"),
@@ -115,6 +118,65 @@ def test_any_layout_surprise_turns_direct_replies_off(fake, caplog, break_it, wh
     assert r.enabled is False and why in r.why_off
     assert [m for m in caplog.messages if "direct FUSE replies off" in m] == \
         [f"direct FUSE replies off, reads copy through libfuse's buffer: {r.why_off}"]
+
+
+def unmapped_page() -> int:
+    """An address that is certainly not mapped: a page mapped, then unmapped."""
+    import mmap
+    m = mmap.mmap(-1, 4096)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    m.close()
+    return addr
+
+
+def test_peek_reads_mapped_memory_and_refuses_the_rest():
+    buf = ctypes.create_string_buffer(b"0123456789")
+    assert FR.peek(ctypes.addressof(buf) + 2, 5) == b"23456"
+    with pytest.raises(LayoutError, match=r"^memory at 0x[0-9a-f]+ is not readable \(Bad address\)$"):
+        FR.peek(unmapped_page(), 8)
+    with pytest.raises(LayoutError, match="is not readable"):
+        FR.peek(8, 8)
+
+
+class OtherLibfuse(Fake):
+    """Structures laid out NOT as libfuse 3.14 has them: ``fuse_context_i`` with one more
+    member before ``req`` (here an int, then the pointer), and ``fuse_req`` with one more
+    pointer before ``ctx`` (so uid/gid/pid and ``ch`` move by 8 bytes)."""
+
+    def __init__(self, what):
+        super().__init__()
+        if what == "context_i":
+            self.ctx = ctypes.create_string_buffer(FR.REQ_IN_CONTEXT + 16)
+            c = FR._FuseContext.from_buffer(self.ctx)
+            c.fuse, c.uid, c.gid, c.pid = FUSE_PTR, UID, GID, PID
+            self.set(self.ctx, FR.REQ_IN_CONTEXT, ctypes.c_uint64, 0x2a)  # a new int member
+            self.set(self.ctx, FR.REQ_IN_CONTEXT + 8, ctypes.c_void_p, self.addr(self.req))
+        else:  # "req": fuse_req with a pointer more before ctx
+            self.req = ctypes.create_string_buffer(FR.CH_IN_REQ + 16)
+            self.set(self.ctx, FR.REQ_IN_CONTEXT, ctypes.c_void_p, self.addr(self.req))
+            self.set(self.req, FR.SE_IN_REQ, ctypes.c_void_p, self.addr(self.session))
+            self.set(self.req, FR.UNIQUE_IN_REQ, ctypes.c_uint64, 0x1000)
+            r = FR._FuseCtx.from_buffer(self.req, FR.CTX_IN_REQ + 8)
+            r.uid, r.gid, r.pid = UID, GID, PID
+
+        self.ctx_shift = 8 if what == "req" else 0
+
+    def req_ctx(self, req):
+        return req + FR.CTX_IN_REQ + self.ctx_shift
+
+
+@pytest.mark.parametrize("what, why", [("context_i", "fuse_context_i.req 0x2a is not a request pointer"),
+                                       ("req", "req->ctx disagrees with fuse_get_context()")])
+def test_another_libfuse_layout_turns_direct_replies_off(caplog, what, why):
+    f = OtherLibfuse(what)
+    try:
+        r = f.replier()
+        with caplog.at_level(logging.WARNING, logger="ctfs.fuse"):
+            assert [r.unique() for _ in range(3)] == [None] * 3
+        assert (r.enabled, r.why_off, r.replies) == (False, why, 0)
+        assert caplog.messages == [f"direct FUSE replies off, reads copy through libfuse's buffer: {why}"]
+    finally:
+        f.close()
 
 
 def test_refused_replies_fall_back(fake, monkeypatch):
@@ -183,14 +245,15 @@ def model(tmp_path_factory):
     return {"plain": plain, "src": src, "key_file": write_keys(keys, d / "k.jwk")}
 
 
-@pytest.mark.parametrize("reply, extra", [("auto", []), ("auto", ["--direct-io"]), ("copy", [])])
-def test_mount_answers_reads_from_the_chunk_cache_byte_exact(model, tmp_path, reply, extra):
+def serve_and_read(model, tmp_path, prog, *opts) -> tuple[dict, str, int]:
+    """``PROG mount SRC MNT --key-file K OPTS --foreground --log-level debug``: read the view
+    through it and check every byte; (status["fuse"], the daemon's log, the view's length)."""
     import hashlib
     import json
     import subprocess
     import time
 
-    from mounting import CTFS, ctfs, force_unmount, is_mounted
+    from mounting import ctfs, force_unmount, is_mounted
 
     plain = model["plain"].read_bytes()
     p_start = 8 + int.from_bytes(plain[:8], "little")
@@ -198,9 +261,8 @@ def test_mount_answers_reads_from_the_chunk_cache_byte_exact(model, tmp_path, re
     mnt.mkdir()
     log = open(tmp_path / "daemon.log", "w+")
     # in the foreground, so that everything libfuse prints lands in the log
-    proc = subprocess.Popen([*CTFS, "mount", model["src"], mnt, "--key-file", model["key_file"],
-                             "--fuse-reply", reply, *extra, "--foreground", "--log-level", "debug"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*prog, "mount", model["src"], mnt, "--key-file", model["key_file"], *opts,
+                             "--foreground", "--log-level", "debug"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not is_mounted(mnt):
@@ -230,16 +292,46 @@ def test_mount_answers_reads_from_the_chunk_cache_byte_exact(model, tmp_path, re
             proc.kill()
             proc.wait()
     text = open(log.name).read()
+    # libfuse's own empty reply to an answered request is refused (ENOENT) without a word
+    assert "writing device" not in text  # libfuse: perror("fuse: writing device")
+    assert "Traceback" not in text and "ERROR" not in text
+    return st, text, len(want)
+
+
+@pytest.mark.parametrize("reply, extra", [("auto", []), ("auto", ["--direct-io"]), ("copy", [])])
+def test_mount_answers_reads_from_the_chunk_cache_byte_exact(model, tmp_path, reply, extra):
+    from mounting import CTFS
+
+    st, text, size = serve_and_read(model, tmp_path, CTFS, "--fuse-reply", reply, *extra)
     if reply == "auto":
         assert st["fuse_reply"] == "direct" and "fuse_reply_off" not in st
-        assert st["direct_replies"] >= len(want) // (1 << 20)  # the data: all but the header
+        assert st["direct_replies"] >= size // (1 << 20)  # the data: all but the header
         assert st["direct_replies"] < st["read_requests"]
         assert f"{st['direct_replies']} replied from the chunk cache" in text
     else:
         assert (st["fuse_reply"], st["direct_replies"]) == ("copy", 0)
-    # libfuse's own empty reply to an answered request is refused (ENOENT) without a word
-    assert "writing device" not in text  # libfuse: perror("fuse: writing device")
-    assert "Traceback" not in text and "WARNING" not in text and "ERROR" not in text
+    assert "WARNING" not in text
+
+
+# A daemon that expects libfuse's private structures elsewhere than the installed libfuse
+# keeps them: as if libfuse's fuse_context_i had one more member before req, or its
+# fuse_req one more before ctx.
+OTHER_LAYOUT = {
+    "context_i": "FR.REQ_IN_CONTEXT += 8; FR._CONTEXT_I_SIZE += 8",
+    "req": "FR.CTX_IN_REQ += 8; FR.CH_IN_REQ += 8; FR._REQ_SIZE += 8",
+}
+
+
+@pytest.mark.parametrize("layout", sorted(OTHER_LAYOUT))
+def test_mount_on_another_libfuse_layout_copies_with_one_warning(model, tmp_path, layout):
+    import sys
+    code = ("import sys, ctfs.fuse_reply as FR; " + OTHER_LAYOUT[layout] +
+            "; from ctfs.cli import main; sys.argv[0] = 'ctfs'; sys.exit(main())")
+    st, text, _ = serve_and_read(model, tmp_path, [sys.executable, "-c", code])  # --fuse-reply auto
+    assert (st["fuse_reply"], st["direct_replies"]) == ("copy", 0)
+    off = [line for line in text.splitlines() if "direct FUSE replies off" in line]
+    assert len(off) == 1 and st["fuse_reply_off"] in off[0], text
+    assert [line for line in text.splitlines() if "WARNING" in line] == off
 
 
 def test_mount_maps_its_read_buffers_before_serving(model, tmp_path):
@@ -251,3 +343,29 @@ def test_mount_maps_its_read_buffers_before_serving(model, tmp_path):
         st = json.loads(ctfs("status", mnt, "--json").stdout)["cache"]
         # readahead + 3 chunk buffers of 256 KiB, mapped before any read
         assert (st["bytes_held"], st["bytes_cached"]) == (5 * 256 * 1024, 0)
+
+
+# ------------------------------------------------------ pinned private internals
+
+
+def test_mfusepy_outside_the_pinned_range_is_refused_with_the_fix(monkeypatch):
+    import importlib.metadata as md
+
+    from ctfs import fuse_ops  # first: it binds mfusepy to libfuse3
+    mfusepy = fuse_ops.mfusepy
+    fuse_ops.check_mfusepy(mfusepy)  # the installed one passes
+    monkeypatch.setattr(md, "version", lambda name: "4.0.1")
+    with pytest.raises(ImportError, match=r"^ctfs needs mfusepy >=3\.0,<4\.0 \(found 4\.0\.1, .*"
+                                          r"install it with: pip install 'mfusepy>=3\.0,<4\.0'$"):
+        fuse_ops.check_mfusepy(mfusepy)
+    monkeypatch.setattr(md, "version", lambda name: "3.1.1")
+
+    class Other(mfusepy.FUSE):
+        def read(self, path, size, offset, fh):  # another glue signature
+            return b""
+
+    class M:
+        FUSE, Operations = Other, mfusepy.Operations
+    with pytest.raises(ImportError, match=r"whose FUSE\.read takes \['self', 'path', 'size', 'offset', 'fh'\]"):
+        fuse_ops.check_mfusepy(M)
+

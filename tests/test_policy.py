@@ -422,3 +422,21 @@ def test_shutdown_engine_then_reuse() -> None:
     policy.shutdown_engine()
     assert policy._WORKER.pid is None
     assert evaluate(pol("allow := true")) == ALLOWED
+
+
+def test_regopy_outside_the_pinned_range_is_refused_with_the_fix():
+    import types
+
+    import regopy
+    import regopy.rego_shared
+
+    from ctfs.policy import check_regopy
+    assert check_regopy(regopy) is None
+    fake = types.SimpleNamespace(__version__="1.6.0", rego_shared=regopy.rego_shared,
+                                 Interpreter=regopy.Interpreter)
+    assert check_regopy(fake) == ("ctfs needs regopy>=1.5,<1.6 (found regopy 1.6.0); "
+                                  "install it with: pip install 'regopy>=1.5,<1.6'")
+    fake = types.SimpleNamespace(__version__="1.5.9", rego_shared=types.SimpleNamespace(),
+                                 Interpreter=regopy.Interpreter)
+    assert check_regopy(fake).startswith("ctfs needs regopy>=1.5,<1.6 (found regopy 1.5.9, without "
+                                         "rego_shared.rego, rego_node_get")
