@@ -16,6 +16,12 @@ The plain file has no "cold" state distinct from truly cold (its page cache is i
 cache): it gets ``seq_truly_cold``, ``seq_warm``, ``rand_truly_cold``, ``rand_warm``.
 Reads use one reused 1 MiB buffer (``readv``/``preadv``). Throughput in GB/s (1e9 B/s).
 Daemon CPU: user+system seconds of the daemon process during the read, per GB read.
+
+**Pairs.** Within a run, each step is taken by ctfs and then at once by gocryptfs (then by
+``fuse_floor``), so every ctfs figure has a gocryptfs figure measured seconds after it on the
+same machine state; ``pairs`` holds each pair's ratio (ctfs / gocryptfs, for throughput and
+for daemon CPU per GB), and the goals are the medians of those per-pair ratios, reported with
+their spread (min–max). The plain file is read before or after the FUSE steps, alternately.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import subprocess
 
 from .models import make_blob
 from .mounts import CtfsMount, FloorMount, GocryptfsMount
-from .util import GB, Samples, drop_caches, files_under, fmt_bytes, log, rand_read, seq_read, warm
+from .util import GB, Samples, drop_caches, fig, files_under, fmt_bytes, log, rand_read, seq_read, warm
 
 NAME = "model.safetensors"
 
@@ -70,12 +76,17 @@ def run(ctx, size: int) -> dict:
     kinds = ["plain", *mounts]
     try:
         for rep in range(ctx.fs_repeat):
-            order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
-            for kind in order:
-                if kind == "plain":
-                    _plain(ctx, p["plain"], speed["plain"], rep)
-                else:
-                    _fuse(ctx, kind, mounts[kind], backing[kind], speed[kind], cpu[kind], dpeak[kind], rep)
+            if rep % 2 == 0:
+                _plain(ctx, p["plain"], speed["plain"], rep)
+            for step in _steps(ctx):
+                for kind in mounts:  # ctfs, then gocryptfs right after it, then fuse_floor
+                    _fuse_step(ctx, step, mounts[kind], backing[kind], speed[kind], cpu[kind], dpeak[kind])
+            for kind in mounts:
+                mounts[kind].unmount()
+                log(f"fs {kind} run {rep + 1}/{ctx.fs_repeat}: " + _last(speed[kind])
+                    + f"; daemon CPU {_last(cpu[kind], 's/GB')}")
+            if rep % 2 == 1:
+                _plain(ctx, p["plain"], speed["plain"], rep)
     finally:
         for m in mounts.values():
             m.unmount()
@@ -86,9 +97,27 @@ def run(ctx, size: int) -> dict:
             e["daemon_cpu_s_per_gb"] = cpu[kind].figures()
             e["daemon_peak_rss"] = dpeak[kind].figures()
         out["fs"][kind] = e
-    if "gocryptfs" not in mounts:
+    if "gocryptfs" in mounts:
+        out["pairs"] = {"of": "ctfs / gocryptfs, each step of ctfs followed at once by the same step of gocryptfs",
+                        "read_gbps": pair_ratios(speed["ctfs"], speed["gocryptfs"]),
+                        "daemon_cpu_s_per_gb": pair_ratios(cpu["ctfs"], cpu["gocryptfs"])}
+    else:
         out["fs"]["gocryptfs"] = {"skipped": "gocryptfs not installed"}
     return out
+
+
+def pair_ratios(a: Samples, b: Samples) -> dict:
+    """{step: figure of a[i] / b[i]}: the ratio within each pair, with its spread."""
+    return {k: fig([x / y if x is not None and y else None for x, y in zip(a[k], b.get(k, []))])
+            for k in a if k in b}
+
+
+def _steps(ctx) -> list[tuple[str, object, str | None]]:
+    steps = [("seq_cold", seq_read, "cold"), ("seq_warm", seq_read, None),
+             ("rand_cold", rand_read, "cold"), ("rand_warm", rand_read, None)]
+    if ctx.drop_ok:
+        steps.insert(0, ("seq_truly_cold", seq_read, "truly"))
+    return steps
 
 
 def _plain(ctx, path, sp, rep):
@@ -104,29 +133,25 @@ def _plain(ctx, path, sp, rep):
     log(f"fs plain run {rep + 1}/{ctx.fs_repeat}: " + _last(sp))
 
 
-def _fuse(ctx, kind, m, backing, sp, cpu, dpeak, rep):
-    f = os.path.join(m.mnt, NAME)
-    steps = [("seq_cold", seq_read, "cold"), ("seq_warm", seq_read, None),
-             ("rand_cold", rand_read, "cold"), ("rand_warm", rand_read, None)]
-    if ctx.drop_ok:
-        steps.insert(0, ("seq_truly_cold", seq_read, "truly"))
-    for name, reader, fresh in steps:
-        if fresh == "truly":
-            m.unmount()
-            drop_caches()
-            m.mount()
-        elif fresh == "cold":
-            m.unmount()
-            warm(backing)
-            m.mount()
-        c0 = m.cpu_s()
-        n, dt = reader(f)
-        c = m.cpu_s() - c0
-        sp.add(name, n / dt / GB)
-        cpu.add(name, c / (n / GB))
-        dpeak.add(name, m.peak_rss())
-    m.unmount()
-    log(f"fs {kind} run {rep + 1}/{ctx.fs_repeat}: " + _last(sp) + f"; daemon CPU {_last(cpu, 's/GB')}")
+def _fuse_step(ctx, step, m, backing, sp, cpu, dpeak) -> None:
+    """One step (name, reader, how fresh) on mount M: remount as the step needs, read, record."""
+    name, reader, fresh = step
+    if fresh == "truly":
+        m.unmount()
+        drop_caches()
+        m.mount()
+    elif fresh == "cold":
+        m.unmount()
+        warm(backing)
+        m.mount()
+    elif m.daemon is None:
+        m.mount()
+    c0 = m.cpu_s()
+    n, dt = reader(os.path.join(m.mnt, NAME))
+    c = m.cpu_s() - c0
+    sp.add(name, n / dt / GB)
+    cpu.add(name, c / (n / GB))
+    dpeak.add(name, m.peak_rss())
 
 
 def _last(s: Samples, unit: str = "GB/s") -> str:

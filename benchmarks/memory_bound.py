@@ -3,7 +3,9 @@ is read end to end through the mount (both kernel modes).
 
     python -m benchmarks.memory_bound [--cache-size 256MiB] [--out DIR]
 
-Prints the figures and writes memory_bound.json into --out (default benchmarks/results).
+Prints the figures and writes memory_bound.json into --out (default benchmarks/results): the
+provenance block (commit, command, CPU, kernel, versions; ``benchmarks.provenance``) and one
+row per mode.
 """
 from __future__ import annotations
 
@@ -86,7 +88,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache-size", default="256MiB")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    from benchmarks import provenance
+    prov = provenance.collect("benchmarks.memory_bound", argv)
     from ctfs.cli import parse_size
     from ctfs.keys import KeySet
     from ctfs.writer import encrypt_file
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "memory_bound.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+        json.dump({"provenance": prov, "rows": rows}, f, indent=2)
     for r in rows:
         print(f"{r['mode']:>10}: cache {r['cache_bytes'] >> 20} MiB, model read twice "
               f"({r['bytes_read'] >> 20} MiB), daemon RSS start {r['rss_start'] >> 20} MiB, peak "

@@ -62,26 +62,32 @@ def goals(results: dict) -> list[dict]:
                     "pass": _ok(value, op, target), "detail": detail})
 
     fs = S.get("fs", {}).get("fs", {})
+    pairs = S.get("fs", {}).get("pairs", {})
     c, g = fs.get("ctfs", {}), fs.get("gocryptfs", {})
     if c and "read_gbps" in g:
-        cr, gr = c["read_gbps"], g["read_gbps"]
-        for mode, target, label in (("seq_cold", 1.6, "cold"), ("seq_truly_cold", 2.0, "truly cold"),
-                                    ("seq_warm", 0.9, "warm")):
-            a, b = med(cr.get(mode)), med(gr.get(mode))
-            add(f"fs {label} read: ctfs / gocryptfs", _ratio(a, b), ">=", target,
-                f"{a and round(a, 2)} vs {b and round(b, 2)} GB/s")
-        a, b = med(c["daemon_cpu_s_per_gb"].get("seq_cold")), med(g["daemon_cpu_s_per_gb"].get("seq_cold"))
         floor = med(fs.get("fuse_floor", {}).get("daemon_cpu_s_per_gb", {}).get("seq_cold"))
-        add("daemon CPU per GB (cold read): ctfs / gocryptfs", _ratio(a, b), "<=", 0.5,
-            f"{a and round(a, 3)} vs {b and round(b, 3)} CPU-s/GB"
-            + (f"; FUSE layer alone (no decryption): {round(floor, 3)} = {_fmt_x(_ratio(floor, b))}"
-               if floor is not None else ""))
-        # the same target for reads that go to the disk (all caches dropped before mounting)
-        a, b = med(c["daemon_cpu_s_per_gb"].get("seq_truly_cold")), \
-            med(g["daemon_cpu_s_per_gb"].get("seq_truly_cold"))
-        if a is not None and b is not None:
-            add("daemon CPU per GB (truly cold read): ctfs / gocryptfs", _ratio(a, b), "<=", 0.5,
-                f"{round(a, 3)} vs {round(b, 3)} CPU-s/GB")
+        rows = [("read_gbps", "seq_cold", "fs cold read: ctfs / gocryptfs", ">=", 1.6, "GB/s", 2),
+                ("read_gbps", "seq_truly_cold", "fs truly cold read: ctfs / gocryptfs", ">=", 2.0, "GB/s", 2),
+                ("read_gbps", "seq_warm", "fs warm read: ctfs / gocryptfs", ">=", 0.9, "GB/s", 2),
+                ("daemon_cpu_s_per_gb", "seq_cold", "daemon CPU per GB (cold read): ctfs / gocryptfs", "<=",
+                 0.5, "CPU-s/GB", 3),
+                ("daemon_cpu_s_per_gb", "seq_truly_cold", "daemon CPU per GB (truly cold read): ctfs / gocryptfs",
+                 "<=", 0.5, "CPU-s/GB", 3)]
+        for metric, mode, label, op, target, unit, nd in rows:
+            a, b = med(c[metric].get(mode)), med(g[metric].get(mode))
+            if a is None and b is None:
+                continue
+            pr = pairs.get(metric, {}).get(mode)
+            detail = f"medians {a and round(a, nd)} vs {b and round(b, nd)} {unit}"
+            if pr and pr.get("median") is not None:
+                value = pr["median"]
+                detail = (f"median of {len(pr['runs'])} pairs, per pair {pr['min']:.2f}–{pr['max']:.2f}×; "
+                          + detail)
+            else:
+                value = _ratio(a, b)
+            if metric == "daemon_cpu_s_per_gb" and mode == "seq_cold" and floor is not None:
+                detail += f"; FUSE layer alone (no decryption): {round(floor, 3)} = {_fmt_x(_ratio(floor, b))}"
+            add(label, value, op, target, detail)
     for size, sec in S.get("load", {}).items():
         v = sec.get("variants", {})
         ref = med(v.get("ref_pt", {}).get("time_s"))
@@ -171,9 +177,11 @@ def _page_reporting(pr) -> str:
 def markdown(results: dict) -> str:
     M = results["machine"]
     S = results["sections"]
+    from .provenance import markdown as provenance_md
     L = ["# ctfs benchmarks", "",
          f"Run {results['started']} → {results.get('finished')} ({results.get('duration_s')} s), "
          f"`python -m benchmarks {_argline(results['options'])}`.", "",
+         *provenance_md(results["provenance"]),
          "## Machine", "",
          f"{M.get('cpu_model')}, {M.get('logical_cpus')} logical CPUs (AES-NI {M.get('aes_ni')}, VAES "
          f"{M.get('vaes')}), {fmt_bytes(M.get('ram_bytes'))} RAM, {M.get('os')}, kernel {M.get('kernel')}, "
@@ -316,12 +324,22 @@ def _fs_table(sec):
         L += ["", "*fuse_floor*: ctfs's FUSE layer serving the same bytes from memory (no decryption, "
               "no cache, no source file; `benchmarks/fuse_floor.py`): what a read through a Python "
               "libfuse3 daemon costs before any cryptography."]
-    c, g = F.get("ctfs", {}).get("read_gbps"), F.get("gocryptfs", {}).get("read_gbps")
-    if c and g:
-        L += ["", "ctfs / gocryptfs: " + ", ".join(
-            f"{m.replace('_', ' ')} {_fmt_x(_ratio(med(c.get(m)), med(g.get(m))))}" for m in FS_MODES
-            if m in c and m in g)]
+    P = sec.get("pairs")
+    if P:
+        L += ["", "Per-pair ratios, ctfs / gocryptfs (each ctfs step followed at once by the same gocryptfs "
+              "step): median (min–max) over the pairs.", "",
+              "| step | pairs | throughput | daemon CPU per GB |", "|---|---|---|---|"]
+        for m in FS_MODES:
+            r, c = P["read_gbps"].get(m), P["daemon_cpu_s_per_gb"].get(m)
+            if r and r.get("median") is not None:
+                L.append(f"| {m.replace('_', ' ')} | {len(r['runs'])} | {_fmt_spread(r)} | {_fmt_spread(c)} |")
     return L + [""]
+
+
+def _fmt_spread(f) -> str:
+    if not isinstance(f, dict) or f.get("median") is None:
+        return "–"
+    return f"{f['median']:.2f}× ({f['min']:.2f}–{f['max']:.2f})"
 
 
 def _fw_table(sec):

@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +38,12 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", help="comma-separated Qwen3 sizes: " + ", ".join(QWEN3) +
                     " (default 0.6B,1.7B; --quick: tiny)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure (min/median reported; default 3)")
-    ap.add_argument("--fs-repeat", type=int, help="runs per filesystem figure (default: --repeat, at least 5 "
-                    "unless --quick; those runs are short and the noisiest)")
+    ap.add_argument("--fs-repeat", type=int, help="runs per filesystem figure, i.e. ctfs/gocryptfs pairs "
+                    "(default: --repeat, at least 10 unless --quick; those runs are short and the noisiest)")
     ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--workdir", help="parent of the temporary work directory (default /var/tmp)")
-    ap.add_argument("--out", help="results directory (default benchmarks/results)")
+    ap.add_argument("--out", help="results directory (default benchmarks/results; with --quick a new "
+                    "temporary directory, so a quick run never overwrites the committed results)")
     ap.add_argument("--fs-size", type=parse_size, help="size of the filesystem test file (default 1GiB; --quick 64MiB)")
     ap.add_argument("--frameworks-size", help="model size for transformers/vLLM (default: the smallest of --sizes)")
     ap.add_argument("--vllm", dest="vllm", action="store_true", default=None, help="include vLLM (default unless --quick)")
@@ -69,13 +69,16 @@ def parse_args(argv=None):
         ap.error("--repeat must be >= 1")
     if o.fs_repeat is not None and o.fs_repeat < 1:
         ap.error("--fs-repeat must be >= 1")
-    o.fs_repeat = o.fs_repeat or (o.repeat if o.quick else max(5, o.repeat))
+    o.fs_repeat = o.fs_repeat or (o.repeat if o.quick else max(10, o.repeat))
     o.fs_size = o.fs_size or (64 * MiB if o.quick else 1 << 30)
     o.frameworks_size = o.frameworks_size or min(o.sizes, key=lambda s: list(QWEN3).index(s))
     if o.frameworks_size not in QWEN3:
         ap.error(f"unknown --frameworks-size {o.frameworks_size!r}")
-    o.out = os.path.abspath(o.out or os.path.join(REPO, "benchmarks", "results"))
-    return o
+    if o.out:
+        o.out = os.path.abspath(o.out)
+    elif not o.quick:
+        o.out = os.path.join(REPO, "benchmarks", "results")
+    return o  # --quick without --out: main() makes a temporary directory
 
 
 class Context:
@@ -102,28 +105,9 @@ class Context:
                        "sign_key": next(k for k in keys if k["kty"] == "okp")}, f)
 
 
-def _cmd(args, timeout=30) -> str | None:
-    try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-        return (p.stdout or p.stderr).strip().splitlines()[0] if (p.stdout or p.stderr).strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def describe_machine(workdir: str) -> dict:
-    import importlib.metadata as md
+def describe_machine(workdir: str, prov: dict) -> dict:
+    """The machine beyond the provenance block PROV (whose CPU, flags and versions it repeats)."""
     import psutil
-    cpu = None
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu is None:
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
     osname = None
     try:
         with open("/etc/os-release") as f:
@@ -132,15 +116,6 @@ def describe_machine(workdir: str) -> dict:
                     osname = line.split("=", 1)[1].strip().strip('"')
     except OSError:
         pass
-    versions = {"python": platform.python_version()}
-    for pkg in ("ctfs", "torch", "safetensors", "numpy", "cryptography", "cryptotensors", "transformers",
-                "mfusepy", "psutil", "matplotlib"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    versions["gocryptfs"] = _cmd(["gocryptfs", "-version"])
-    versions["fusermount3"] = _cmd(["fusermount3", "-V"])
     fstype = None
     try:
         st = os.stat(workdir).st_dev
@@ -153,11 +128,11 @@ def describe_machine(workdir: str) -> dict:
     except OSError:
         pass
     return {
-        "cpu_model": cpu, "logical_cpus": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
-        "aes_ni": "aes" in flags, "vaes": "vaes" in flags,
+        "cpu_model": prov["cpu_model"], "logical_cpus": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+        "aes_ni": prov["cpu_flags"]["aes"], "vaes": prov["cpu_flags"]["vaes"], "cpu_flags": prov["cpu_flags"],
         "ram_bytes": psutil.virtual_memory().total, "kernel": platform.release(), "os": osname,
         "machine": platform.machine(), "hostname": platform.node(), "workdir_fs": fstype,
-        "root": os.geteuid() == 0, "drop_caches": can_drop_caches(), "versions": versions,
+        "root": os.geteuid() == 0, "drop_caches": can_drop_caches(), "versions": prov["versions"],
         "loadavg_start": list(os.getloadavg()),
     }
 
@@ -201,7 +176,16 @@ def _sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     opts = parse_args(argv)
+    if opts.out is None:
+        opts.out = tempfile.mkdtemp(prefix="ctfs-bench-quick-")
+        log(f"--quick: results go to {opts.out} (not benchmarks/results; --out DIR to choose)")
+    from . import provenance
+    prov = provenance.collect("benchmarks", argv)
+    if prov["dirty"]:
+        log("the work tree differs from commit " + str(prov["commit"])[:12] + " (" +
+            ", ".join(prov["dirty_paths"][:5]) + "): results.json records it as dirty")
     import signal
     signal.signal(signal.SIGTERM, _sigterm)  # so the finally blocks unmount and clean up
     parent = opts.workdir or "/var/tmp"
@@ -210,8 +194,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     log(f"work directory {workdir}; sections {','.join(opts.only)}; sizes {','.join(opts.sizes)}; "
         f"repeat {opts.repeat} (fs {opts.fs_repeat})")
-    results = {"title": "ctfs benchmarks", "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "options": {k: v for k, v in vars(opts).items()}, "machine": describe_machine(workdir),
+    results = {"title": "ctfs benchmarks", "provenance": prov, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "options": {k: v for k, v in vars(opts).items()}, "machine": describe_machine(workdir, prov),
                "sections": {}, "errors": []}
     ctx = None
     hold = PageReportingHold(enabled=opts.hold_page_reporting)

@@ -17,7 +17,7 @@ import time
 
 # The same environment defaults as the end-to-end test's runner (one place to tune them).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "e2e"))
-from vllm_generate import _ENV_DEFAULTS as _ENV  # noqa: E402
+from vllm_generate import ENV_DEFAULTS as _ENV  # noqa: E402
 
 
 def main() -> int:

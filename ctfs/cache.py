@@ -112,11 +112,23 @@ def _round_page(n: int) -> int:
     return max(_PAGE, (n + _PAGE - 1) // _PAGE * _PAGE)
 
 
+def _dontdump(mm: mmap.mmap) -> str:
+    """``MADV_DONTDUMP`` on all of MM: "" when done, else why not."""
+    advice = getattr(mmap, "MADV_DONTDUMP", None)
+    if advice is None:
+        return "MADV_DONTDUMP is not available on this platform"
+    try:
+        mm.madvise(advice)
+    except OSError as e:
+        return f"madvise(MADV_DONTDUMP): {e.strerror or e}"
+    return ""
+
+
 class _Buffer:
     """An anonymous private mmap used to hold plaintext."""
 
     __slots__ = ("mm", "mv", "cap", "addr", "pooled", "huge", "locked", "lock_error", "closed",
-                 "used")
+                 "used", "dontdump_error")
 
     def __init__(self, cap: int, pooled: bool, want_lock: bool, huge: bool = False) -> None:
         self.cap = cap
@@ -127,10 +139,7 @@ class _Buffer:
         # Huge pages (ctfs.hugemem): the kernel copies read replies straight out of this
         # buffer (ctfs.fuse_reply) and pins its pages one at a time to do so.
         self.mm, self.mv = huge_mapping(cap, huge)
-        try:
-            self.mm.madvise(mmap.MADV_DONTDUMP)  # keep plaintext out of core dumps
-        except (AttributeError, OSError, ValueError):
-            pass
+        self.dontdump_error = _dontdump(self.mm)  # keep plaintext out of core dumps
         self.addr = address(self.mv)
         self.locked = False
         self.lock_error = ""
@@ -283,7 +292,8 @@ class ChunkCache:
         self._seq: collections.OrderedDict[Hashable, tuple[int, int]] = collections.OrderedDict()
 
         self._mlock_ok = self._want_mlock
-        self._mlock_warned = False
+        self._dontdump_ok = True
+        self._warned: set[str] = set()  # the one-time warnings given (buffer setup failures)
 
         self._hits = 0
         self._misses = 0
@@ -521,6 +531,7 @@ class ChunkCache:
                 "readahead_hits": self._ra_hits,
                 "readahead_dropped": self._ra_dropped,
                 "mlocked": bool(self._mlock_ok),
+                "excluded_from_core_dumps": self._dontdump_ok,
             }
 
     def cached_keys(self) -> list[tuple]:
@@ -550,20 +561,25 @@ class ChunkCache:
                 self._huge_live -= huge
             raise
         if self._want_mlock and not b.locked:
-            warn = False
             with self._lock:
                 self._mlock_ok = False
-                if not self._mlock_warned:
-                    self._mlock_warned = warn = True
-            if warn:
-                log.warning(
-                    "could not mlock plaintext cache buffers (%s); decrypted weights "
-                    "may be swapped to disk (raise RLIMIT_MEMLOCK / grant CAP_IPC_LOCK)",
-                    b.lock_error,
-                )
+            self._warn_once("mlock", "could not mlock plaintext cache buffers (%s); decrypted weights "
+                            "may be swapped to disk (raise RLIMIT_MEMLOCK / grant CAP_IPC_LOCK)", b.lock_error)
+        if b.dontdump_error:
+            with self._lock:
+                self._dontdump_ok = False
+            self._warn_once("dontdump", "could not exclude plaintext cache buffers from core dumps (%s); "
+                            "the daemon itself stays non-dumpable", b.dontdump_error)
         with self._lock:
             self._buffers.add(b)
         return b
+
+    def _warn_once(self, what: str, fmt: str, *args) -> None:
+        with self._lock:
+            if what in self._warned:
+                return
+            self._warned.add(what)
+        log.warning(fmt, *args)
 
     def _destroy_locked(self, buf: _Buffer) -> None:
         buf.close()

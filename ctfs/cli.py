@@ -234,7 +234,7 @@ def _stderr_is_journal() -> bool:
     return os.environ.get("JOURNAL_STREAM", "") == f"{st.st_dev}:{st.st_ino}"
 
 
-class _LogFormatter(logging.Formatter):
+class LogFormatter(logging.Formatter):
     """One line per event: newlines folded, an exception as ``: Type: message`` (the
     traceback only at debug level); under journald a ``<N>`` syslog priority prefix, which
     journald strips and uses as the entry's priority (SyslogLevelPrefix=, on by default)."""
@@ -270,7 +270,7 @@ def setup_logging(level: str) -> None:
     fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else \
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler = logging.StreamHandler()
-    handler.setFormatter(_LogFormatter(fmt, tracebacks=level.lower() == "debug",
+    handler.setFormatter(LogFormatter(fmt, tracebacks=level.lower() == "debug",
                                        priority_prefix=_stderr_is_journal()))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
 

@@ -30,6 +30,7 @@ import threading
 import time
 
 from .errors import CtfsError
+from .mountd import abs_mountpoint, find_mount
 
 log = logging.getLogger("ctfs.control")
 
@@ -45,11 +46,6 @@ class ControlError(CtfsError):
 
 
 # --- where ----------------------------------------------------------------------------
-def abs_mountpoint(mountpoint) -> str:
-    from .mountd import _abs_mountpoint
-    return _abs_mountpoint(mountpoint)
-
-
 def mount_id(mountpoint) -> str:
     return hashlib.sha256(os.fsencode(abs_mountpoint(mountpoint))).hexdigest()[:16]
 
@@ -103,9 +99,8 @@ def _make_runtime_dir(mountpoint) -> str:
 # --- mountinfo ------------------------------------------------------------------------
 def _mount_entry(mp: str):
     """The topmost mount at ``mp`` (absolute), or None."""
-    from .mountd import _find_mount
     try:
-        return _find_mount(mp)
+        return find_mount(mp)
     except OSError:
         return None
 

@@ -575,8 +575,8 @@ class CtfsOperations(mfusepy.Operations):
     def _still_mounted(self) -> bool:
         if self.mountpoint is None:
             return True
-        from .mountd import _find_mount
-        ent = _find_mount(self.mountpoint)
+        from .mountd import find_mount
+        ent = find_mount(self.mountpoint)
         return ent is not None and ent.fstype.startswith("fuse")
 
     def _invalidate_by_open(self, path: str) -> bool:

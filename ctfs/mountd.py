@@ -95,7 +95,7 @@ def _mounts() -> list[MountEntry]:
     return entries
 
 
-def _abs_mountpoint(mountpoint: str) -> str:
+def abs_mountpoint(mountpoint: str) -> str:
     """Absolute, symlink-resolved path without stat()ing the (maybe dead) mount itself."""
     p = os.path.abspath(os.fspath(mountpoint))
     if p == "/":
@@ -103,8 +103,8 @@ def _abs_mountpoint(mountpoint: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
 
 
-def _find_mount(mountpoint: str) -> Optional[MountEntry]:
-    mp = _abs_mountpoint(mountpoint)
+def find_mount(mountpoint: str) -> Optional[MountEntry]:
+    mp = abs_mountpoint(mountpoint)
     found = None
     for e in _mounts():  # later entries are mounted on top of earlier ones
         if e.mountpoint == mp:
@@ -114,7 +114,7 @@ def _find_mount(mountpoint: str) -> Optional[MountEntry]:
 
 def is_mounted(mountpoint) -> bool:
     """True when /proc/self/mountinfo lists a mount (of any type) at ``mountpoint``."""
-    return _find_mount(mountpoint) is not None
+    return find_mount(mountpoint) is not None
 
 
 # --------------------------------------------------------------------------------------
@@ -187,8 +187,8 @@ def unmount(mountpoint: str, lazy_if_dead: bool = True) -> None:
     lazily when ``lazy_if_dead`` so that a new mount works. Raises :class:`MountError`
     when ``mountpoint`` is not a mount or not a FUSE mount.
     """
-    mp = _abs_mountpoint(mountpoint)
-    ent = _find_mount(mp)
+    mp = abs_mountpoint(mountpoint)
+    ent = find_mount(mp)
     if ent is None:
         raise MountError(f"{mp} is not a mount point")
     if not ent.fstype.startswith("fuse"):
@@ -219,7 +219,7 @@ def unmount(mountpoint: str, lazy_if_dead: bool = True) -> None:
 # kernel tuning after mount
 
 
-def _write_sysfs(path: str, value: int) -> Optional[str]:
+def write_sysfs(path: str, value: int) -> Optional[str]:
     try:
         with open(path, "w") as f:
             f.write(f"{value}\n")
@@ -233,7 +233,7 @@ def _tune_mount(ent: MountEntry, read_ahead_kb: int) -> dict:
     done: dict = {}
     if read_ahead_kb:
         p = f"/sys/class/bdi/{ent.dev}/read_ahead_kb"
-        err = _write_sysfs(p, read_ahead_kb)
+        err = write_sysfs(p, read_ahead_kb)
         if err:
             log.warning("could not raise read-ahead to %d KiB (%s); FUSE reads stay at the "
                         "default 128 KiB (run as root for 1 MiB requests)", read_ahead_kb, err)
@@ -243,10 +243,10 @@ def _tune_mount(ent: MountEntry, read_ahead_kb: int) -> dict:
     if os.path.isdir(conn):
         for name, val in (("max_background", FUSE_MAX_BACKGROUND),
                           ("congestion_threshold", FUSE_CONGESTION_THRESHOLD)):
-            cur = _read_sysfs_int(f"{conn}/{name}")
+            cur = read_sysfs_int(f"{conn}/{name}")
             if cur is None:
                 continue
-            if cur < val and _write_sysfs(f"{conn}/{name}", val) is None:
+            if cur < val and write_sysfs(f"{conn}/{name}", val) is None:
                 cur = val
             done[name] = cur
     return done
@@ -257,7 +257,7 @@ def _fusectl_dir(ent: MountEntry) -> str:
     return f"/sys/fs/fuse/connections/{ent.dev.split(':')[1]}"
 
 
-def _read_sysfs_int(path: str) -> Optional[int]:
+def read_sysfs_int(path: str) -> Optional[int]:
     try:
         with open(path) as f:
             return int(f.read().strip())
@@ -271,8 +271,8 @@ def _kernel_stats(ent: MountEntry, ops, direct_io: bool, keep_cache: bool) -> di
     conn = _fusectl_dir(ent)
     return {"dev": ent.dev, "direct_io": bool(direct_io),
             "keep_cache": bool(keep_cache and not direct_io),
-            "read_ahead_kb": _read_sysfs_int(f"/sys/class/bdi/{ent.dev}/read_ahead_kb"),
-            "max_background": _read_sysfs_int(f"{conn}/max_background"),
+            "read_ahead_kb": read_sysfs_int(f"/sys/class/bdi/{ent.dev}/read_ahead_kb"),
+            "max_background": read_sysfs_int(f"{conn}/max_background"),
             "read_requests": ops.read_requests, "max_read_request": ops.max_read_request,
             **ops.reply_stats()}
 
@@ -395,7 +395,7 @@ def spawn_background(run: Callable[[], int], mountpoint, timeout: float = 30,
     it starts threads: only the forking thread survives fork().
     """
     global _BG_CHILD
-    mp = _abs_mountpoint(mountpoint)
+    mp = abs_mountpoint(mountpoint)
     if keep_stderr is None:
         try:
             keep_stderr = os.isatty(2)
@@ -564,7 +564,7 @@ def serve(tree, mountpoint: str, *, foreground: bool, direct_io: bool = False,
     fuse_ops.install_libfuse_logger()
     fuse_ops.last_libfuse_error = None
 
-    mp = _abs_mountpoint(mountpoint)
+    mp = abs_mountpoint(mountpoint)
     err = _preflight(mp)
     if err:
         _set_error(err)
@@ -669,7 +669,7 @@ def _wait_ready(mp: str, init_evt: threading.Event, thread: threading.Thread,
     while time.monotonic() < deadline:
         if not thread.is_alive():
             return None
-        ent = _find_mount(mp)
+        ent = find_mount(mp)
         if ent is not None and ent.fstype.startswith("fuse"):
             try:
                 st = os.stat(mp)
@@ -688,7 +688,7 @@ def _stop_mount(mp: str, force: bool = False) -> None:
     ``force`` (second signal, failed startup) also aborts the FUSE connection through
     fusectl when it is mounted, so the loop ends even with files still open.
     """
-    ent = _find_mount(mp)
+    ent = find_mount(mp)
     if ent is None or not ent.fstype.startswith("fuse"):
         return
     abort = f"/sys/fs/fuse/connections/{ent.dev.split(':')[1]}/abort"
@@ -705,4 +705,4 @@ def _stop_mount(mp: str, force: bool = False) -> None:
     if not ok:
         log.error("lazy unmount of %s failed: %s", mp, msg)
     if force and os.path.exists(abort):
-        _write_sysfs(abort, 1)
+        write_sysfs(abort, 1)

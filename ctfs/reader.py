@@ -215,15 +215,8 @@ class CryptoFile:
         """The unwrapped data key of an encrypted tensor (for re-wrapping)."""
         return bytes(self._tensors[name].dek)
 
-    def segment_count(self) -> int:
-        return len(self.segment_starts)
-
     def segment_end(self, i: int) -> int:
         return self._seg_end[i]
-
-    def segment_info(self, i: int) -> tuple[str, int, int]:
-        """(tensor name, chunk index, kind) of segment i."""
-        return self._seg_owner[i].info.name, self._seg_index[i], self._seg_owner[i].kind
 
     def segments_for(self, offset: int, length: int) -> range:
         """Indices of the segments covering data-section bytes [offset, offset+length)."""

@@ -23,7 +23,7 @@ from .header import canonical_signed_message, read_header_path, serialize_header
 from .keys import KeySet
 from .reader import CryptoFile
 from .signing import sign
-from .writer import EncryptError, EncryptOptions, _sign_kid_for, choose_master, fsync_dir
+from .writer import EncryptError, EncryptOptions, sign_kid_for, choose_master, fsync_dir
 
 log = logging.getLogger("ctfs.rewrap")
 
@@ -64,7 +64,7 @@ def rewrap_file(path: str, old_keys: KeySet, new_keys: KeySet, *, opts: EncryptO
     opts = opts or EncryptOptions()
     recover(path)
     master = choose_master(new_keys, opts)
-    signer = new_keys.signer(None if len(new_keys.signing) == 1 else _sign_kid_for(new_keys, master))
+    signer = new_keys.signer(None if len(new_keys.signing) == 1 else sign_kid_for(new_keys, master))
     try:
         cf = CryptoFile(path, old_keys, allow_unverified_plain=True, check_policy=False)
     except CtfsError as old_err:

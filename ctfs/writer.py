@@ -146,7 +146,7 @@ def encrypt_file(src: str, dst: str, keys: KeySet, opts: EncryptOptions | None =
     opts = opts or EncryptOptions()
     opts.validate()
     master = choose_master(keys, opts)
-    signer = keys.signer(None if len(keys.signing) == 1 else _sign_kid_for(keys, master))
+    signer = keys.signer(None if len(keys.signing) == 1 else sign_kid_for(keys, master))
     alg = aead.algorithm(master.alg)
 
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
@@ -302,7 +302,7 @@ def aligned_header_len(n: int) -> int:
     return -(-(8 + n + HEADER_SLACK) // PAGE) * PAGE - 8
 
 
-def _sign_kid_for(keys: KeySet, master: MasterKey) -> str | None:
+def sign_kid_for(keys: KeySet, master: MasterKey) -> str | None:
     """With several signing keys, prefer the one named like the master key (<name>-sign)."""
     if master.kid and master.kid.endswith("-enc"):
         want = master.kid[:-4] + "-sign"

@@ -34,18 +34,58 @@ def medians(node, path=""):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("hold", [False, True], ids=["as-is", "hold-page-reporting"])
 def test_quick_benchmark_run(tmp_path, hold):
-    out = tmp_path / "results"
+    import hashlib
+    import platform
+    import re
+    import shutil
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     order_file = pathlib.Path("/sys/module/page_reporting/parameters/page_reporting_order")
     order_before = order_file.read_text() if order_file.exists() else None
-    p = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out),
+    committed = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in (ROOT / "benchmarks" / "results").rglob("*")
+                 if f.is_file()}
+    # the held run names no --out: a quick run then writes to a new temporary directory
+    out_args = [] if hold else ["--out", str(tmp_path / "results")]
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", *out_args,
                         "--workdir", str(tmp_path), *(["--hold-page-reporting"] if hold else [])],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert p.returncode == 0, f"benchmarks failed ({p.returncode}):\n{p.stderr[-6000:]}"
+    if hold:
+        out = pathlib.Path(re.search(r"--quick: results go to (\S+) ", p.stderr).group(1))
+        assert not out.is_relative_to(ROOT) and out.is_dir()
+    else:
+        out = tmp_path / "results"
+    # the committed full results are untouched, whatever --out says
+    assert committed == {f: hashlib.sha256(f.read_bytes()).hexdigest()
+                         for f in (ROOT / "benchmarks" / "results").rglob("*") if f.is_file()}
     # progress on stderr, one line per step
     assert p.stderr.count("[bench") >= 20, p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    plots = res["plots"]
+    png = {name: (out / name).read_bytes()[:8] for name in plots}
+    if hold:
+        shutil.rmtree(out)
     assert not res["errors"], res["errors"]
+    # provenance: the code, the command, the CPU flags, the kernel and the versions
+    prov = res["provenance"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert prov["commit"] == head and isinstance(prov["dirty"], bool)
+    assert prov["command"] == "python -m benchmarks --quick " + " ".join(
+        [*out_args, "--workdir", str(tmp_path), *(["--hold-page-reporting"] if hold else [])])
+    flags = open("/proc/cpuinfo").read().split("\nflags", 1)[1].split("\n", 1)[0].split()
+    assert prov["cpu_flags"] == {f: f in flags for f in ("aes", "vaes", "pclmulqdq", "vpclmulqdq", "avx2",
+                                                          "avx512f", "avx512vl", "sha_ni")}
+    assert prov["kernel"] == platform.release() and prov["date"].startswith(res["started"][:10])
+    assert prov["versions"]["ctfs"] and prov["versions"]["cryptography"] and prov["versions"]["gocryptfs"]
+    assert prov["page_reporting"]["available"] is (order_before is not None)
+    assert "## Provenance" in md and f"commit `{head}`" in md
+    # every peer a section names has figures: nothing skipped but vLLM, which --quick leaves out
+    skipped = [(p_, v) for p_, v in _walk(res["sections"]) if p_.endswith("/skipped")]
+    assert skipped == [("/frameworks/vllm/skipped", "--quick (pass --vllm to include it)")], skipped
+    # every plot was drawn
+    assert sorted(plots) == ["frameworks.png", "fs.png", "load.png", "serialise.png"], plots
+    assert all(magic == b"\x89PNG\r\n\x1a\n" for magic in png.values()), png
     m = res["machine"]
     for key in ("cpu_model", "logical_cpus", "ram_bytes", "kernel", "versions"):
         assert m.get(key), key
@@ -73,11 +113,25 @@ def test_quick_benchmark_run(tmp_path, hold):
         assert len(ser[name]["time_s"]["runs"]) == 3, name
         assert ser[name]["peak_rss"]["median"] > 0, name
     load = res["sections"]["load"]["tiny"]["variants"]
-    for name in ("st_np", "st_pt", "ref_np", "ref_pt", "ctfs_api", "mount_cold", "mount_warm"):
+    assert set(load) >= {"st_np", "st_pt", "ref_np", "ref_pt", "ctfs_api", "mount_cold", "mount_warm"}
+    for name in load:
         assert load[name]["time_s"]["median"] > 0, name
     assert load["mount_cold"]["daemon_peak_rss"]["median"] > 0
     fs = res["sections"]["fs"]["fs"]
-    assert len(fs["ctfs"]["read_gbps"]["seq_cold"]["runs"]) == 3  # --quick: --fs-repeat = --repeat
+    assert sorted(fs) == ["ctfs", "fuse_floor", "gocryptfs", "plain"]
+    for kind in ("ctfs", "gocryptfs", "fuse_floor"):
+        for mode in ("seq_cold", "seq_warm", "rand_cold", "rand_warm"):
+            assert len(fs[kind]["read_gbps"][mode]["runs"]) == 3, (kind, mode)  # --quick: --fs-repeat = --repeat
+            assert fs[kind]["read_gbps"][mode]["median"] > 0, (kind, mode)
+    # each ctfs step paired with the gocryptfs step right after it: per-pair ratios
+    pairs = res["sections"]["fs"]["pairs"]
+    for mode in ("seq_cold", "seq_warm", "rand_cold", "rand_warm"):
+        r = pairs["read_gbps"][mode]
+        want = [a / b for a, b in zip(fs["ctfs"]["read_gbps"][mode]["runs"], fs["gocryptfs"]["read_gbps"][mode]["runs"])]
+        assert r["runs"] == pytest.approx(want) and r["min"] <= r["median"] <= r["max"], mode
+    cold = next(g for g in res["goals"] if g["goal"] == "fs cold read: ctfs / gocryptfs")
+    assert cold["value"] == pairs["read_gbps"]["seq_cold"]["median"] and "median of 3 pairs" in cold["detail"]
+    assert "Per-pair ratios, ctfs / gocryptfs" in md
     for mode in ("seq_cold", "seq_warm", "rand_cold"):
         assert fs["ctfs"]["read_gbps"][mode]["median"] > 0, mode
     assert fs["ctfs"]["daemon_cpu_s_per_gb"]["seq_cold"]["median"] > 0
@@ -90,7 +144,6 @@ def test_quick_benchmark_run(tmp_path, hold):
     goals = {g["goal"] for g in res["goals"]}
     assert any("ctfs encrypt peak RSS" in g for g in goals)
     assert any("transformers" in g for g in goals)
-    md = (out / "results.md").read_text()
     assert "| goal | measured | target | result |" in md
     assert "## Serialisation" in md and "## Filesystem throughput" in md and "paper" in md
     assert "PASS" in md or "FAIL" in md
@@ -100,6 +153,18 @@ def test_quick_benchmark_run(tmp_path, hold):
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path) not in f.read()
     assert not [d for d in os.listdir(tmp_path) if d.startswith("ctfs-bench-")]
+
+
+def _walk(node, path=""):
+    """Every (path, leaf value) under node."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{path}/{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, node
 
 
 def test_fuse_floor_tree_reads():
@@ -132,11 +197,11 @@ def test_fuse_floor_tree_reads():
 
 
 @pytest.mark.parametrize("argv, want", [
-    ([], 5), (["--repeat", "3"], 5), (["--repeat", "7"], 7), (["--quick"], 3),
+    ([], 10), (["--repeat", "3"], 10), (["--repeat", "12"], 12), (["--quick"], 3),
     (["--quick", "--repeat", "2"], 2), (["--fs-repeat", "2"], 2), (["--repeat", "9", "--fs-repeat", "4"], 4),
 ])
 def test_fs_repeat_default(argv, want):
-    """Filesystem figures take at least 5 runs by default (short and the noisiest)."""
+    """Filesystem figures take at least 10 runs (ctfs/gocryptfs pairs) by default (short and the noisiest)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from benchmarks.runner import parse_args

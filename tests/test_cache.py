@@ -810,3 +810,43 @@ def test_reserve_tops_up_instead_of_adding_each_time():
         c.wipe()
         assert c.reserve(PAGE, 3) == 0
         assert c.stats()["bytes_held"] == 3 * PAGE
+
+
+# ------------------------------------------------------------- out of core dumps
+
+
+def smaps_flags(addr: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds ADDR."""
+    start = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                start = lo if lo <= addr < hi else None
+            elif head == "VmFlags:" and start is not None:
+                return set(line.split()[1:])
+    raise LookupError(f"{addr:#x} is not mapped")
+
+
+def test_plaintext_buffers_are_excluded_from_core_dumps(data):
+    with ChunkCache(4 * PAGE, readahead=0) as c:
+        src = FakeSource(data, PAGE)
+        assert read(c, src, "k", 0, 3 * PAGE) == data[:3 * PAGE]
+        bufs = live_buffers(c)
+        assert bufs and all("dd" in smaps_flags(b.addr) for b in bufs)  # "dd": MADV_DONTDUMP
+        assert all("dd" in smaps_flags(b.addr + b.cap - 1) for b in bufs)
+        assert c.stats()["excluded_from_core_dumps"] is True
+
+
+def test_dontdump_failure_is_warned_once_and_shown(data, monkeypatch, caplog):
+    monkeypatch.setattr(cache_mod, "_dontdump", lambda mm: "madvise(MADV_DONTDUMP): Invalid argument")
+    with caplog.at_level(logging.WARNING, logger="ctfs.cache"):
+        with ChunkCache(4 * PAGE, readahead=0) as c:
+            src = FakeSource(data, PAGE)
+            assert read(c, src, "k", 0, 4 * PAGE) == data[:4 * PAGE]  # still served
+            assert len(live_buffers(c)) >= 2
+            assert c.stats()["excluded_from_core_dumps"] is False
+    assert [m for m in caplog.messages if "core dumps" in m] == [
+        "could not exclude plaintext cache buffers from core dumps (madvise(MADV_DONTDUMP): Invalid "
+        "argument); the daemon itself stays non-dumpable"]

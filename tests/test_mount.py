@@ -22,7 +22,7 @@ from ctfs.header import read_header_path
 from ctfs.keys import KeySet
 from ctfs.modeldir import encrypt_path
 from ctfs.writer import EncryptOptions
-from mounting import CTFS, ctfs, daemon_process, force_unmount, is_mounted, mounted, write_keys
+from mounting import CTFS, ctfs, daemon_process, force_unmount, foreground_daemon, is_mounted, mounted, write_keys
 
 
 def sha(path, start=0, length=None) -> str:
@@ -184,7 +184,9 @@ def test_tampered_chunk_gives_eio_on_exactly_its_range(model, tmp_path):
     data = bytearray(f.read_bytes())
     data[h.data_start + target] ^= 0x40
     f.write_bytes(bytes(data))
-    with mounted(src, tmp_path / "mnt", model["key_file"]) as mnt:
+    mnt = tmp_path / "mnt"
+    log_path = tmp_path / "daemon.log"
+    with foreground_daemon([src, mnt, "--key-file", model["key_file"]], log_path):
         view = os.path.join(mnt, "model-00002-of-00002.safetensors")
         orig = (model["plain"] / "model-00002-of-00002.safetensors").read_bytes()
         plain_ds = read_header_path(model["plain"] / "model-00002-of-00002.safetensors").data_start
@@ -206,6 +208,12 @@ def test_tampered_chunk_gives_eio_on_exactly_its_range(model, tmp_path):
             assert got == orig[lo - h.data_start + plain_ds:][:len(got)]
         finally:
             os.close(fd)
+    # the daemon says which file, tensor and chunk failed, once per failed read
+    failures = [line for line in log_path.read_text().splitlines() if "integrity failure" in line]
+    assert failures, log_path.read_text()
+    want = (f"integrity failure, returning EIO: file={f} tensor=lm_head.weight chunk=3: {f}: "
+            "tensor 'lm_head.weight' chunk 3: ")
+    assert all(want in line and " ERROR " in line for line in failures), failures
 
 
 def test_sigterm_unmounts_foreground_daemon(model, tmp_path):

@@ -427,7 +427,6 @@ def test_shutdown_engine_then_reuse() -> None:
 def test_regopy_outside_the_pinned_range_is_refused_with_the_fix():
     import types
 
-    import regopy
     import regopy.rego_shared
 
     from ctfs.policy import check_regopy

@@ -206,6 +206,59 @@ def test_daemon_is_not_dumpable(model, tmp_path):
         control.wait()
 
 
+def dontdump_bytes(pid: int) -> int:
+    """Bytes of PID's mappings advised MADV_DONTDUMP ("dd" in their VmFlags)."""
+    total = size = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                size = hi - lo
+            elif head == "VmFlags:" and "dd" in line.split()[1:]:
+                total += size
+    return total
+
+
+def cores_in(d) -> set[str]:
+    return {n for n in os.listdir(d) if n.startswith("core")}
+
+
+def test_daemon_leaves_no_core_dump_and_its_cache_is_marked_dontdump(model, tmp_path):
+    """The daemon crashes with SIGSEGV under an unlimited core limit and leaves no core,
+    where an ordinary process with the same limit leaves one; its plaintext cache buffers are
+    advised MADV_DONTDUMP (a second line of defence, for a daemon made dumpable again)."""
+    import signal
+
+    import psutil
+    control_dir = tmp_path / "control"
+    control_dir.mkdir()
+    control = subprocess.Popen(["prlimit", "--core=unlimited", "sleep", "60"], cwd=control_dir)
+    time.sleep(0.3)  # prlimit has exec'ed sleep (same pid)
+    os.kill(control.pid, signal.SIGSEGV)
+    assert control.wait(30) == -signal.SIGSEGV
+    assert cores_in(control_dir), "no core from the control process: this probe cannot tell here"
+    with mounted(model["enc"], tmp_path / "mnt", model["key_file"], "--cache-size", "16MiB") as mnt:
+        read_all(mnt)
+        st = json.loads(ctfs("status", mnt, "--json").stdout)["cache"]
+        daemon = daemon_process(mnt)
+        assert st["excluded_from_core_dumps"] is True
+        assert dontdump_bytes(daemon.pid) >= st["bytes_held"] > 0
+        cwd = os.readlink(f"/proc/{daemon.pid}/cwd")
+        before = cores_in(cwd)
+        subprocess.run(["prlimit", f"--pid={daemon.pid}", "--core=unlimited"], check=True)
+        assert open(f"/proc/{daemon.pid}/limits").read().count("unlimited") > 0
+        daemon.send_signal(signal.SIGSEGV)
+        try:
+            daemon.wait(30)
+        except psutil.NoSuchProcess:
+            pass
+        new = cores_in(cwd) - before
+        for n in new:
+            os.unlink(os.path.join(cwd, n))
+        assert not new, f"the daemon dumped core in {cwd}: {new}"
+
+
 # --- mlock ----------------------------------------------------------------------------------------
 
 def vm_locked_kib(pid: int) -> int:

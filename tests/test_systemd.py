@@ -188,15 +188,15 @@ def test_notifier_without_socket_is_a_noop():
 
 # --- journald-friendly logging ---------------------------------------------------------
 def test_log_lines_are_single_unless_debug(monkeypatch):
-    from ctfs.cli import _LogFormatter
+    from ctfs.cli import LogFormatter
     try:
         raise ValueError("boom\nsecond line")
     except ValueError:
         rec = logging.getLogger("ctfs.x").makeRecord("ctfs.x", logging.ERROR, __file__, 1,
                                                     "failed for %s", ("m",), sys.exc_info())
-    one = _LogFormatter("%(levelname)s %(name)s: %(message)s", tracebacks=False, priority_prefix=True)
+    one = LogFormatter("%(levelname)s %(name)s: %(message)s", tracebacks=False, priority_prefix=True)
     assert one.format(rec) == "<3>ERROR ctfs.x: failed for m: ValueError: boom | second line"
-    full = _LogFormatter("%(levelname)s %(name)s: %(message)s", tracebacks=True, priority_prefix=False)
+    full = LogFormatter("%(levelname)s %(name)s: %(message)s", tracebacks=True, priority_prefix=False)
     text = full.format(rec)
     assert "Traceback (most recent call last)" in text and text.startswith("ERROR ctfs.x: failed for m")
 

@@ -92,10 +92,10 @@ def mounted(src, mnt, *args, env):
         assert is_mounted(mnt)
         yield str(mnt)
     finally:
-        _unmount(mnt)
+        unmount_quietly(mnt)
 
 
-def _unmount(mnt) -> None:
+def unmount_quietly(mnt) -> None:
     if is_mounted(mnt):
         ctfs("umount", mnt, check=False)
         deadline = time.time() + 10
@@ -156,7 +156,7 @@ def test_missing_kid_is_named(model, openbao_server, tmp_path):
 
 
 # --- vault: Transit --------------------------------------------------------------------------
-def _transit(server: OpenBao, extra_hcl: str = "") -> tuple[str, str]:
+def transit_key(server: OpenBao, extra_hcl: str = "") -> tuple[str, str]:
     key = uniq("tk")
     server.create_transit_key(key)
     token = server.create_policy_token(uniq("transit"), textwrap.dedent(f"""
@@ -167,7 +167,7 @@ def _transit(server: OpenBao, extra_hcl: str = "") -> tuple[str, str]:
 
 
 def test_transit_wrapped_file_next_to_model(model, openbao_server, tmp_path):
-    key, token = _transit(openbao_server)
+    key, token = transit_key(openbao_server)
     enc = tmp_path / "enc"
     shutil.copytree(model["enc"], enc)
     env = base_env(VAULT_ADDR=openbao_server.addr, VAULT_TOKEN=token)
@@ -183,7 +183,7 @@ def test_transit_wrapped_file_next_to_model(model, openbao_server, tmp_path):
 
 def test_transit_wrapped_at_kv_path(model, openbao_server, tmp_path):
     name = uniq("wrapped")
-    key, token = _transit(openbao_server, f'path "secret/data/ctfs/{name}" '
+    key, token = transit_key(openbao_server, f'path "secret/data/ctfs/{name}" '
                                           f'{{ capabilities = ["read", "create", "update"] }}\n')
     env = base_env(VAULT_ADDR=openbao_server.addr, VAULT_TOKEN=token)
     ctfs("vault-wrap", model["key_file"], "--transit-key", key, "--kv-path", f"secret/ctfs/{name}", env=env)

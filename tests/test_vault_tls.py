@@ -30,7 +30,7 @@ from ctfs.providers import ProviderDenied, ProviderError, ProviderUnavailable
 from ctfs.providers.vault import VaultProvider
 from mounting import ctfs, daemon_process, foreground_daemon, is_mounted, write_secret
 from test_providers import SECRET_VARS, kv_secret, same_keys, transit_setup
-from test_vault_mount import (_transit, _unmount, assert_serves_plaintext, base_env, kv_store,  # noqa: F401
+from test_vault_mount import (transit_key, unmount_quietly, assert_serves_plaintext, base_env, kv_store,  # noqa: F401
                               model, mounted, uniq)
 
 VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED"
@@ -96,7 +96,7 @@ def refused_mount(model, mnt, env, *args):
     finally:
         took = time.monotonic() - t0
         mounted_anyway = is_mounted(mnt)
-        _unmount(mnt)                # never leave a mount behind, even when the test fails
+        unmount_quietly(mnt)                # never leave a mount behind, even when the test fails
     assert r.returncode == 1, (r.returncode, r.stderr)
     assert not mounted_anyway
     assert not is_mounted(mnt) and os.listdir(mnt) == []
@@ -138,7 +138,7 @@ def test_mount_with_unrelated_ca_is_refused(model, tls, other_ca, tmp_path):
 def test_mount_with_vault_cacert_env_transit(model, tls, tmp_path):
     """$VAULT_CACERT instead of the flag, for vault-wrap and for a Transit-wrapped mount."""
     name = uniq("wrapped")
-    key, token = _transit(tls, f'path "secret/data/ctfs/{name}" '
+    key, token = transit_key(tls, f'path "secret/data/ctfs/{name}" '
                                f'{{ capabilities = ["read", "create", "update"] }}\n')
     env = tls_env(tls, VAULT_TOKEN=token, VAULT_CACERT=tls.ca_cert)
     ctfs("vault-wrap", model["key_file"], "--transit-key", key, "--kv-path", f"secret/ctfs/{name}",
@@ -177,7 +177,7 @@ def test_background_mount_prints_startup_warnings(model, tls, tmp_path):
                  "--vault-skip-verify", env=tls_env(tls, VAULT_TOKEN=token))
         assert_serves_plaintext(model, mnt)
     finally:
-        _unmount(mnt)
+        unmount_quietly(mnt)
     warning = [ln for ln in r.stderr.splitlines() if SKIP_WARNING in ln]
     assert len(warning) == 1 and " WARNING " in warning[0], r.stderr
     # only warnings are forwarded, not the daemon's INFO lines (e.g. "authorised N file(s)")

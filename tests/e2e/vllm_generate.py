@@ -21,7 +21,7 @@ import time
 
 # Defaults that make vLLM's CPU backend start quickly on a small (2-core,
 # shared) machine.  Anything already set in the environment wins.
-_ENV_DEFAULTS = {
+ENV_DEFAULTS = {
     # KV cache size in GiB (default would be a fraction of RAM).
     "VLLM_CPU_KVCACHE_SPACE": "1",
     # "auto" reserves one core for the scheduler and pins the worker's OpenMP
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    for k, v in _ENV_DEFAULTS.items():
+    for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
 
     t0 = time.monotonic()
