@@ -1,7 +1,7 @@
 """The CPU floor of ctfs's FUSE layer: ``python -m benchmarks.fuse_floor MNT SIZE``.
 
 Serves one file, ``model.safetensors``, of SIZE bytes through exactly the FUSE layer a ctfs
-mount uses (``ctfs.mountd.serve``: mfusepy on libfuse3, the same options, kernel tuning and
+mount uses (``ctfs.mount.mountd.serve``: mfusepy on libfuse3, the same options, kernel tuning and
 read glue that writes into libfuse's reply buffer), but from a tree with no decryption, no
 chunk cache and no source file: every read copies from one 2 MiB buffer held in memory. Its
 daemon CPU per GB is what the FUSE read path costs in a Python libfuse3 daemon before any
@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from ctfs.tree import Node
+from ctfs.mount.tree import Node
 
 NAME = "model.safetensors"
 _BLOCK = 2 << 20
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[0], file=sys.stderr)
         return 2
-    from ctfs.mountd import serve
+    from ctfs.mount.mountd import serve
     return serve(FloorTree(int(argv[1])), argv[0], foreground=True, fsname="ctfs-floor")
 
 

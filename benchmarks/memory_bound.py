@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from benchmarks import provenance
     prov = provenance.collect("benchmarks.memory_bound", argv)
-    from ctfs.cli import parse_size
-    from ctfs.keys import KeySet
-    from ctfs.writer import encrypt_file
+    from ctfs.units import parse_size
+    from ctfs.format.keys import KeySet
+    from ctfs.format.writer import encrypt_file
     cache = parse_size(args.cache_size)
     work = tempfile.mkdtemp(prefix="ctfs-membound-", dir="/var/tmp")
     try:

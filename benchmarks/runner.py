@@ -92,7 +92,7 @@ class Context:
         self.drop_ok = can_drop_caches()
         self.vllm = opts.vllm if opts.vllm is not None else not opts.quick
         self.workers = Workers(workdir, fresh=opts.fresh_processes)
-        from ctfs.keys import KeySet
+        from ctfs.format.keys import KeySet
         ks = KeySet.generate()
         jwks = ks.to_jwks()
         self.key_file = os.path.join(workdir, "keys.jwk")

@@ -211,11 +211,11 @@ class PageReportingHold:
         return os.path.join(self.params, name)
 
     def _read(self, name: str) -> int | None:
-        from ctfs.mountd import read_sysfs_int
+        from ctfs.mount.mountd import read_sysfs_int
         return read_sysfs_int(self._path(name))
 
     def _write(self, name: str, value: int) -> bool:
-        from ctfs.mountd import write_sysfs
+        from ctfs.mount.mountd import write_sysfs
         return write_sysfs(self._path(name), value) is None
 
     def __enter__(self) -> "PageReportingHold":

@@ -124,7 +124,7 @@ def task_load(a: dict) -> dict:
     elif how == "ctfs_api":
         import torch  # noqa: F401
         import ctfs.api
-        from ctfs.keys import KeySet
+        from ctfs.format.keys import KeySet
         keys = KeySet.load(a["key_file"])
 
         def one(f):

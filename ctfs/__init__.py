@@ -12,11 +12,23 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "safe_open": "ctfs.api", "load_file": "ctfs.api", "KeySet": "ctfs.keys",
-    "encrypt_path": "ctfs.modeldir", "EncryptOptions": "ctfs.writer", "CryptoFile": "ctfs.reader",
-    "CtfsError": "ctfs.errors",
+    "safe_open": "ctfs.api", "load_file": "ctfs.api", "KeySet": "ctfs.format.keys",
+    "encrypt_path": "ctfs.format.modeldir", "EncryptOptions": "ctfs.format.writer",
+    "CryptoFile": "ctfs.format.reader", "CtfsError": "ctfs.errors",
 }
 __all__ = sorted(_EXPORTS)
+
+
+def _evaluate_policy(local_source: str, input_doc: dict | None):
+    from .auth.policy import evaluate  # the Rego engine, started on first use
+    return evaluate(local_source, input_doc)
+
+
+# The composition root: the format layer cannot import the policy engine (it sits above it),
+# so every reader in this process evaluates embedded policies through the engine wired here.
+from .format import policyfield as _policyfield  # noqa: E402
+
+_policyfield.set_evaluator(_evaluate_policy)
 
 
 def __getattr__(name: str):

@@ -13,8 +13,9 @@ import os
 from typing import Any
 
 from .errors import CtfsError
-from .keys import KeySet
-from .reader import CryptoFile
+from .format.keys import KeySet
+from .format.reader import CryptoFile
+from .storage.local import open_blob
 
 _NP = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
        "F16": "float16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64",
@@ -116,8 +117,9 @@ class _Slice:
 class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
     """Open a CryptoTensors (or, with ``require_encrypted=False``, plain) safetensors file.
 
-    ``keys``: a KeySet, or ``key_file``: a JWK set path. Other keyword arguments go to
-    :class:`ctfs.reader.CryptoFile`.
+    ``keys``: a KeySet, or ``key_file``: a JWK set path. ``source_io``: how ciphertext is
+    read (``auto``: ``O_DIRECT`` unless the page cache holds it; :mod:`ctfs.storage.direct`).
+    Other keyword arguments go to :class:`ctfs.format.reader.CryptoFile`.
     """
 
     def __init__(self, filename: str | os.PathLike, framework: str = "pt", device: str = "cpu", *,
@@ -127,7 +129,8 @@ class safe_open:  # noqa: N801 - mirrors safetensors.safe_open
         self._device = device
         if keys is None and key_file is not None:
             keys = KeySet.load(key_file, insecure_perms=options.pop("insecure_perms", False))
-        self._file = CryptoFile(filename, keys, **options)
+        blob = open_blob(filename, options.pop("source_io", "auto"))
+        self._file = CryptoFile(blob, keys, **options)
 
     def keys(self) -> list[str]:
         return sorted(self._file.tensors)

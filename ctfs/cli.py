@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import sys
 
@@ -13,29 +12,22 @@ import click
 
 from . import __version__
 from .errors import CtfsError
-from .fuse_reply import MODES as FUSE_REPLY_MODES
-from .source import MODES as SOURCE_IO_MODES
+from .mount.fuse_reply import MODES as FUSE_REPLY_MODES
+from .storage.direct import MODES as SOURCE_IO_MODES
+from .units import parse_duration, parse_size
 
 log = logging.getLogger("ctfs")
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
-          "tb": 1000**4, "tib": 1024**4}
-
-
-def parse_size(text: str) -> int:
-    """'2MiB' -> 2097152; '1G' -> 10**9; plain integers are bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise click.BadParameter(f"not a size: {text!r} (examples: 2MiB, 1GiB, 65536)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 class Size(click.ParamType):
     name = "size"
 
     def convert(self, value, param, ctx):
-        return value if isinstance(value, int) else parse_size(value)
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 class Duration(click.ParamType):
@@ -44,10 +36,10 @@ class Duration(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, (int, float)):
             return float(value)
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
-        if not m:
-            self.fail(f"not a duration: {value!r} (examples: 30s, 5m)", param, ctx)
-        return float(m.group(1)) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m.group(2)]
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 class _Progress:
@@ -70,7 +62,7 @@ class _Progress:
 
 
 def _load_keys(key_file: str | None, insecure_perms: bool = False):
-    from .keys import KeySet
+    from .format.keys import KeySet
     if not key_file:
         raise click.UsageError("--key-file is required")
     return KeySet.load(key_file, insecure_perms=insecure_perms)
@@ -100,7 +92,7 @@ def cli(ctx, debug):
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 def keygen(out, alg, name, force):
     """Write a new JWK set (master key + Ed25519 signing key) to OUT, mode 0600."""
-    from .keys import KeySet, write_private_file
+    from .format.keys import KeySet, write_private_file
     ks = KeySet.generate(alg, name=name)
     try:
         write_private_file(out, (json.dumps(ks.to_jwks(), indent=2) + "\n").encode(), force=force)
@@ -132,8 +124,8 @@ def encrypt(src, dst, key_file, insecure_perms, format_version, chunk_size, alg,
     """Encrypt SRC (a .safetensors file or a model directory) into DST.
 
     Every safetensors file is encrypted under the same name; other files are copied."""
-    from .modeldir import encrypt_path, plan_size
-    from .writer import EncryptOptions
+    from .format.modeldir import encrypt_path, plan_size
+    from .format.writer import EncryptOptions
     keys = _load_keys(key_file, insecure_perms)
     policy = None
     if policy_file:
@@ -164,7 +156,7 @@ def encrypt(src, dst, key_file, insecure_perms, format_version, chunk_size, alg,
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(path, key_file, insecure_perms, as_json):
     """Show tensors, crypto parameters, key ids, policy and signature status."""
-    from .modeldir import inspect_file, tensor_files
+    from .format.modeldir import inspect_file, tensor_files
     keys = _load_keys(key_file, insecure_perms) if key_file else None
     infos = [inspect_file(f, keys) for f in tensor_files(path)]
     if as_json:
@@ -205,11 +197,13 @@ def inspect(path, key_file, insecure_perms, as_json):
               help="Accept unencrypted tensors that no signed digest covers.")
 def verify(path, key_file, insecure_perms, allow_unverified_plain):
     """Check the signature and every AEAD tag of every file (exit 0 when all are good)."""
-    from .modeldir import plan_size, verify_path
+    from .format.modeldir import plan_size, verify_path
+    from .storage.local import open_blob
     keys = _load_keys(key_file, insecure_perms)
     bar = _Progress(plan_size(path), "verifying")
     try:
-        files = verify_path(path, keys, allow_unverified_plain=allow_unverified_plain, progress=bar)
+        files = verify_path(path, keys, allow_unverified_plain=allow_unverified_plain, progress=bar,
+                            opener=open_blob)
     finally:
         bar.close()
     click.echo(f"ok: {len(files)} file(s) verified", err=True)
@@ -217,7 +211,7 @@ def verify(path, key_file, insecure_perms, allow_unverified_plain):
 
 # --- mount / umount ------------------------------------------------------------------
 def _ids(values, kind: str) -> list[int]:
-    from .config import resolve_ids
+    from .ops.config import resolve_ids
     what = "user" if kind == "uid" else "group"
     try:
         return resolve_ids([str(v) for v in values], what)
@@ -368,10 +362,10 @@ def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, r
     authorised and serving (or fails with the reason)."""
     import dataclasses
 
-    from . import mountd
-    from .config import apply as apply_config
-    from .config import given_parameters, load as load_config
-    from .mount import MountConfig, run
+    from .mount import mountd
+    from .ops.config import apply as apply_config
+    from .ops.config import given_parameters, load as load_config
+    from .service import MountConfig, run
     if (src is None) != (mountpoint is None):
         raise click.UsageError("give both SRC and MOUNTPOINT, or neither (then --config gives them)")
     cfg = MountConfig(src=src, mountpoint=mountpoint,
@@ -392,7 +386,7 @@ def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, r
     if not os.path.isdir(cfg.src):
         raise CtfsError(f"{cfg.src}: not a directory")
     if cfg.metrics:
-        from .metrics import parse_address
+        from .ops.metrics import parse_address
         parse_address(cfg.metrics)
     setup_logging(cfg.log_level)
 
@@ -415,11 +409,11 @@ def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, r
               help="Unmount the mountpoint named in this mount configuration (systemd ExecStop=).")
 def umount(mountpoint, config_file):
     """Unmount MOUNTPOINT (also clears the mount of a daemon that died)."""
-    from . import mountd
+    from .mount import mountd
     if mountpoint is None:
         if not config_file:
             raise click.UsageError("give MOUNTPOINT or --config FILE")
-        from .config import load as load_config
+        from .ops.config import load as load_config
         mountpoint = load_config(config_file).values.get("mountpoint")
         if not mountpoint:
             raise CtfsError(f"{config_file}: no mountpoint in the configuration")
@@ -435,8 +429,8 @@ def _provider_keys(key_file, config_file, insecure_perms, which: str):
         raise click.UsageError(f"give exactly one of --{which}key-file and --{which}key-config")
     if key_file:
         return _load_keys(key_file, insecure_perms)
-    from .config import load as load_config
-    from .providers import get_provider
+    from .ops.config import load as load_config
+    from .auth.providers import get_provider
     fc = load_config(config_file)
     provider = get_provider(fc.provider or "file", **fc.provider_options)
     try:
@@ -458,8 +452,8 @@ def _provider_keys(key_file, config_file, insecure_perms, which: str):
 def rewrap(path, key_file, key_config, new_key_file, new_key_config, insecure_perms, kid, policy_file):
     """Rotate the master key of PATH (a file or model directory): re-wrap every data key and
     re-sign each header; tensor bytes are not rewritten."""
-    from .rewrap import rewrap_path
-    from .writer import EncryptOptions
+    from .format.rewrap import rewrap_path
+    from .format.writer import EncryptOptions
     old = _provider_keys(key_file, key_config, insecure_perms, "")
     new = _provider_keys(new_key_file, new_key_config, insecure_perms, "new-")
     policy = open(policy_file, encoding="utf-8").read() if policy_file else None
@@ -486,7 +480,7 @@ def vault_wrap(keys, out, transit_key, transit_mount, kv_path, kv_field, force, 
     Mount it with --key-provider vault --vault-transit-file OUT --vault-transit-key NAME
     (or --vault-kv-path when stored with --kv-path): the master key then never rests in
     plaintext and every unlock is in Vault's audit log."""
-    from .providers.vault import VaultProvider, wrap_file
+    from .auth.providers.vault import VaultProvider, wrap_file
     if not out and not kv_path:
         raise click.UsageError("give OUT and/or --kv-path")
     if out and os.path.exists(out) and not force:
@@ -496,7 +490,7 @@ def vault_wrap(keys, out, transit_key, transit_mount, kv_path, kv_field, force, 
         if out:
             doc = wrap_file(provider, keys, out, transit_key, transit_mount, force=force)
         else:
-            from .keys import KeySet
+            from .format.keys import KeySet
             ks = KeySet.load(keys)
             try:
                 doc = provider.wrap(json.dumps(ks.to_jwks()).encode(), transit_key, transit_mount)
@@ -517,7 +511,7 @@ def vault_wrap(keys, out, transit_key, transit_mount, kv_path, kv_field, force, 
 def lock(mountpoint):
     """Drop every key and all plaintext of MOUNTPOINT now (cache, data keys, kernel page
     cache); opens and reads fail with EACCES until `ctfs unlock`."""
-    from .control import request
+    from .ops.control import request
     resp = request(mountpoint, "lock")
     inv = resp.get("invalidation") or {}
     if resp.get("already"):
@@ -535,7 +529,7 @@ def lock(mountpoint):
 @click.argument("mountpoint")
 def unlock(mountpoint):
     """Re-authorise MOUNTPOINT through its key provider after `ctfs lock`."""
-    from .control import request
+    from .ops.control import request
     resp = request(mountpoint, "unlock")
     click.echo(f"{mountpoint}: {'not locked' if resp.get('already') else 'unlocked'}", err=True)
 
@@ -545,7 +539,7 @@ def unlock(mountpoint):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(mountpoint, as_json):
     """Files, key ids, lock state, cache and decryption statistics of MOUNTPOINT."""
-    from .control import format_status, request
+    from .ops.control import format_status, request
     st = request(mountpoint, "status")["status"]
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
 

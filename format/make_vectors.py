@@ -5,7 +5,7 @@
     python format/make_vectors.py --out DIR       # write a fresh set into DIR (keys copied along)
     python format/make_vectors.py --new-keys      # ONLY if keys/ is missing: make new TEST keys
 
-Every positive vector is written by ``ctfs.writer.encrypt_file`` from a plain safetensors
+Every positive vector is written by ``ctfs.format.writer.encrypt_file`` from a plain safetensors
 file (``safetensors.torch.save_file``; sub-byte dtypes that safetensors cannot write go
 through a hand-built plain container, see ``_write_plain_raw``). Negative vectors are byte
 edits of positive ones; a few "stricter than the reference" cases are edited and then
@@ -33,16 +33,16 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ctfs import aead  # noqa: E402
-from ctfs.cryptometa import (  # noqa: E402
+from ctfs.format import aead  # noqa: E402
+from ctfs.format.cryptometa import (  # noqa: E402
     CRYPTO_KEYS, ENCRYPTION, PLAIN_DIGESTS, POLICY, SIGNATURE, parse_crypto_keys,
 )
-from ctfs.header import (  # noqa: E402
+from ctfs.format.header import (  # noqa: E402
     TensorInfo, canonical_signed_message, dumps_compact, read_header_path, serialize_header,
 )
-from ctfs.keys import KeySet, MasterKey  # noqa: E402
-from ctfs.signing import sign  # noqa: E402
-from ctfs.writer import EncryptOptions, encrypt_file  # noqa: E402
+from ctfs.format.keys import KeySet, MasterKey  # noqa: E402
+from ctfs.format.signing import sign  # noqa: E402
+from ctfs.format.writer import EncryptOptions, encrypt_file  # noqa: E402
 
 EXT = ".safetensors"
 TEST_ONLY = ("TEST ONLY: public test key of ctfs's conformance vectors (format/vectors). "
@@ -51,7 +51,7 @@ TEST_ONLY = ("TEST ONLY: public test key of ctfs's conformance vectors (format/v
 INPUT_POLICY = (
     "package model\n"
     "\n"
-    "# ctfs passes an input document (ctfs.policy.build_input); the reference passes none,\n"
+    "# ctfs passes an input document (ctfs.auth.policy.build_input); the reference passes none,\n"
     "# so there input.file_name is undefined and the default applies.\n"
     "default allow := false\n"
     "\n"
@@ -531,7 +531,7 @@ def build(out_dir: str, keys_src: str) -> dict:
     for name, info in files.items():
         info["file"] = name + EXT
     files["v2_aes256gcm_policy_input"]["policy_input"] = {
-        "ctfs": "open with policy_input=ctfs.policy.build_input(file_name=<a name ending in "
+        "ctfs": "open with policy_input=ctfs.auth.policy.build_input(file_name=<a name ending in "
                 "'.safetensors'>, ...) -> allowed; policy_input=None or another file_name -> "
                 "PolicyError ('Policy evaluation denied')",
         "reference": "the reference evaluates with no input document, so the default applies: "

@@ -23,7 +23,7 @@ def ref_manifest(ref_vectors) -> dict:
 
 
 def ref_keys(ref_vectors, keys_file):
-    from ctfs.keys import KeySet
+    from ctfs.format.keys import KeySet
     return KeySet.load(ref_vectors / keys_file, insecure_perms=True)  # test keys, 0644 in git
 
 

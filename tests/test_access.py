@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ctfs import control
-from ctfs.keys import KeySet
-from ctfs.modeldir import encrypt_path
-from ctfs.writer import EncryptOptions
+from ctfs.ops import control
+from ctfs.format.keys import KeySet
+from ctfs.format.modeldir import encrypt_path
+from ctfs.format.writer import EncryptOptions
 from mounting import CTFS, ctfs, force_unmount, is_mounted, mounted, write_keys
 
 # Acting as other users needs root and setpriv (util-linux), as in CI: fail, never skip.

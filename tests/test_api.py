@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from ctfs import api, errors
-from ctfs.keys import KeySet
-from ctfs.writer import EncryptOptions, encrypt_file
+from ctfs.format.keys import KeySet
+from ctfs.format.writer import EncryptOptions, encrypt_file
 
 
 def _plain_and_encrypted(d, ts: dict, chunk_size: int):
@@ -118,7 +118,7 @@ def many(tmp_path_factory):
 
 
 def _spy_read_many(monkeypatch) -> list:
-    from ctfs.reader import CryptoFile
+    from ctfs.format.reader import CryptoFile
     calls, real = [], CryptoFile.read_many
 
     def spy(self, parts, *, threads=1):
@@ -149,7 +149,7 @@ def test_load_file_decrypts_all_tensors_in_one_pool(many, monkeypatch, v):
 
 
 def test_load_file_integrity_failure_names_the_tensor(many, tmp_path, monkeypatch):
-    from ctfs.header import read_header_path
+    from ctfs.format.header import read_header_path
     d, keys, ts = many
     monkeypatch.setattr(api, "THREADS", 2)
     bad = tmp_path / "bad.safetensors"

@@ -1,4 +1,4 @@
-"""Tests for ctfs.cache.ChunkCache (plaintext chunk cache of the FUSE read path)."""
+"""Tests for ctfs.mount.cache.ChunkCache (plaintext chunk cache of the FUSE read path)."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
-from ctfs import cache as cache_mod
-from ctfs.cache import ChunkCache
+from ctfs.mount.cache import buffers as buffers_mod
+from ctfs.mount.cache import table as table_mod
+from ctfs.mount.cache import ChunkCache
 from ctfs.errors import IntegrityError
 
-PAGE = cache_mod._PAGE
+PAGE = buffers_mod.PAGE
 
 
 class FakeSource:
@@ -67,7 +68,7 @@ def read(cache, src, key, off, n):
 
 def live_buffers(cache):
     with cache._lock:
-        return list(cache._buffers)
+        return list(cache.pool.live)
 
 
 def check_bound(cache):
@@ -525,7 +526,7 @@ def test_mlock_status_and_failure_not_fatal(data, monkeypatch, caplog):
     with ChunkCache(4 * PAGE) as c:
         read(c, src, "k", 0, 10)
         assert isinstance(c.stats()["mlocked"], bool)
-    monkeypatch.setattr(cache_mod, "_mlock", lambda addr, n: (False, "mlock failed: EPERM"))
+    monkeypatch.setattr(buffers_mod, "mlock", lambda addr, n: (False, "mlock failed: EPERM"))
     with caplog.at_level(logging.WARNING, logger="ctfs.cache"):
         with ChunkCache(4 * PAGE, readahead=0) as c:
             for i in range(4):
@@ -645,7 +646,7 @@ def pinned(cache, src, key, off, n, **kw):
 
     def consume(views):
         with cache._lock:
-            mine = [ch for ch in cache._map.values() if ch.key[0] == key
+            mine = [ch for ch in cache.table.map.values() if ch.key[0] == key
                     and ch.buf is not None and any(v.obj is ch.buf.mm for v in views)]
             assert len(mine) == len(views) and all(ch.pins > 0 for ch in mine)
         seen.append([bytes(v) for v in views])
@@ -657,7 +658,7 @@ def pinned(cache, src, key, off, n, **kw):
 
 def no_pins(cache):
     with cache._lock:
-        return all(ch.pins == 0 for ch in cache._map.values())
+        return all(ch.pins == 0 for ch in cache.table.map.values())
 
 
 def test_read_pinned_gives_the_exact_bytes_of_one_or_two_segments(data):
@@ -753,14 +754,14 @@ def test_only_the_first_pooled_buffers_are_huge_pages():
     seg = 2 << 20
     src = FakeSource(b"\x5a" * (6 * seg), seg)
     with ChunkCache(6 * seg, readahead=0) as c:
-        c.huge_buffers = 2
+        c.pool.huge_buffers = 2
         for i in range(4):
             assert read(c, src, "k", i * seg, 10) == b"\x5a" * 10
         bufs = live_buffers(c)
         assert sorted(b.huge for b in bufs) == [False, False, True, True]
         assert all(b.addr % seg == 0 for b in bufs if b.huge)
         c.wipe(release=True)
-        assert live_buffers(c) == [] and c._huge_live == 0
+        assert live_buffers(c) == [] and c.pool.huge_live == 0
         assert read(c, src, "k", 0, 10) == b"\x5a" * 10
         assert [b.huge for b in live_buffers(c)] == [True]
 
@@ -772,7 +773,7 @@ def test_reserve_maps_buffers_that_the_first_reads_use():
         assert c.reserve(PAGE, 3) == 3
         assert c.stats()["bytes_held"] == 3 * PAGE
         ready = {id(b) for b in live_buffers(c)}
-        assert all(b.locked == c._mlock_ok for b in live_buffers(c))
+        assert all(b.locked == c.pool.mlock_ok for b in live_buffers(c))
         for i in range(3):
             assert read(c, src, "k", i * PAGE, PAGE) == data[i * PAGE:(i + 1) * PAGE]
         assert {id(b) for b in live_buffers(c)} == ready  # no buffer mapped on the read path
@@ -786,21 +787,52 @@ def test_read_pinned_does_not_wait_on_a_load_that_waits_for_room(data):
     src = FakeSource(data, PAGE)
     with ChunkCache(2 * PAGE, readahead=0) as c:
         assert read(c, src, "k", 0, 10) == data[:10]
-        placeholder = cache_mod._Chunk(("k", 1), 1, PAGE)
+        placeholder = table_mod.Chunk(("k", 1), 1, PAGE)
         with c._lock:
-            c._map[("k", 1)] = placeholder  # LOADING, loader's pin only, no buffer
+            c.table.map[("k", 1)] = placeholder  # LOADING, loader's pin only, no buffer
         called, result = [], []
         t = threading.Thread(target=lambda: result.append(
             c.read_pinned(src, "k", PAGE - 10, 20, called.append)), daemon=True)
         t.start()
         t.join(5)
         alive = t.is_alive()
-        placeholder.state = cache_mod._FAILED  # let a stuck reader go before asserting
+        placeholder.state = table_mod.FAILED  # let a stuck reader go before asserting
         placeholder.event.set()
         assert not alive and result == [None] and called == []
         assert placeholder.pins == 1
         with c._lock:
-            assert c._map[("k", 0)].pins == 0
+            assert c.table.map[("k", 0)].pins == 0
+
+
+def test_read_pinned_waits_on_a_readahead_load_without_a_buffer_yet(data):
+    # A readahead loader has its room before its chunk is in the table (it never waits for
+    # room), so a read that pins chunk 0 can wait for it: the reply still goes out pinned.
+    src = FakeSource(data, PAGE)
+    with ChunkCache(4 * PAGE, readahead=0) as c:
+        assert read(c, src, "k", 0, 10) == data[:10]
+        placeholder = table_mod.Chunk(("k", 1), 1, PAGE)
+        placeholder.from_ra = placeholder.ra_pending = True
+        with c._lock:
+            assert c.pool.claim_locked(PAGE)
+            c.table.map[("k", 1)] = placeholder  # LOADING, loader's pin only, no buffer yet
+        result = []
+        t = threading.Thread(target=lambda: result.append(
+            c.read_pinned(src, "k", PAGE - 10, 20, lambda views: b"".join(bytes(v) for v in views))),
+            daemon=True)
+        t.start()
+        time.sleep(0.2)
+        assert t.is_alive() and result == []  # waiting for the readahead load
+        buf = c.pool.map(PAGE, pooled=True)   # the loader maps its buffer and decrypts
+        buf.mv[:PAGE] = data[PAGE:2 * PAGE]
+        buf.used = PAGE
+        with c._lock:
+            placeholder.buf, placeholder.state = buf, table_mod.READY
+            placeholder.event.set()
+        c._unpin(placeholder)
+        t.join(5)
+        assert result == [data[PAGE - 10:PAGE + 10]]
+        with c._lock:
+            assert [ch.pins for ch in c.table.map.values()] == [0, 0]
 
 
 def test_reserve_tops_up_instead_of_adding_each_time():
@@ -840,7 +872,7 @@ def test_plaintext_buffers_are_excluded_from_core_dumps(data):
 
 
 def test_dontdump_failure_is_warned_once_and_shown(data, monkeypatch, caplog):
-    monkeypatch.setattr(cache_mod, "_dontdump", lambda mm: "madvise(MADV_DONTDUMP): Invalid argument")
+    monkeypatch.setattr(buffers_mod, "dontdump", lambda mm: "madvise(MADV_DONTDUMP): Invalid argument")
     with caplog.at_level(logging.WARNING, logger="ctfs.cache"):
         with ChunkCache(4 * PAGE, readahead=0) as c:
             src = FakeSource(data, PAGE)

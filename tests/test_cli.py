@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 import ctfs.api
 from ctfs.errors import WrongKeyError
 from ctfs.cli import main
-from ctfs.keys import KeySet
+from ctfs.format.keys import KeySet
 
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "ctfs")
 CTFS = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [sys.executable, "-m", "ctfs.cli"]

@@ -5,7 +5,7 @@ the page cache; 2 with pread on an O_DIRECT descriptor, which bypasses the kerne
 cache so every read reaches the daemon) while a 9th reads the whole file sequentially,
 twice. Every byte read is checked: each process compares the sha256 of every range with the
 sha256 precomputed from the plaintext. Run in the default mode and with --direct-io (there
-the mmap readers use MAP_PRIVATE: MAP_SHARED gives ENODEV, see ctfs/fuse_ops.py)."""
+the mmap readers use MAP_PRIVATE: MAP_SHARED gives ENODEV, see ctfs/mount/fuse_ops.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ctfs.keys import KeySet
-from ctfs.reader import CryptoFile
-from ctfs.view import PlainView
-from ctfs.writer import EncryptOptions, encrypt_file
+from ctfs.format.keys import KeySet
+from ctfs.format.reader import CryptoFile
+from ctfs.mount.view import PlainView
+from ctfs.format.writer import EncryptOptions, encrypt_file
 from mounting import ctfs, mounted, write_keys
 
 MiB = 1 << 20

@@ -7,8 +7,8 @@ import os
 import pytest
 
 import ctfs.cli
-import ctfs.mount
-from ctfs.config import ConfigError, load, parse, resolve_path
+import ctfs.service
+from ctfs.ops.config import ConfigError, load, parse, resolve_path
 
 
 def write(tmp_path, text, name="m.toml"):
@@ -98,7 +98,7 @@ def captured(monkeypatch):
     def fake_run(cfg, on_ready=None):
         got["cfg"] = cfg
         return 0
-    monkeypatch.setattr(ctfs.mount, "run", fake_run)
+    monkeypatch.setattr(ctfs.service, "run", fake_run)
     monkeypatch.setattr(ctfs.cli, "setup_logging", lambda level: got.setdefault("log_level", level))
     return got
 
@@ -165,7 +165,7 @@ def test_mount_argument_errors(tmp_path, conf, captured, capsys):
 
 
 def test_umount_reads_the_mountpoint_from_the_file(tmp_path, conf, monkeypatch, capsys):
-    from ctfs import mountd
+    from ctfs.mount import mountd
     seen = []
     monkeypatch.setattr(mountd, "unmount", lambda mp: seen.append(mp))
     assert ctfs.cli.main(["umount", "--config", conf]) == 0

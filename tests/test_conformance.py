@@ -20,10 +20,10 @@ import pytest
 import ctfs.errors
 from ctfs import api
 from ctfs.errors import PolicyError
-from ctfs.header import canonical_signed_message, read_header_path
-from ctfs.keys import KeySet
-from ctfs.policy import build_input
-from ctfs.reader import CryptoFile
+from ctfs.format.header import canonical_signed_message, read_header_path
+from ctfs.format.keys import KeySet
+from ctfs.auth.policy import build_input
+from ctfs.format.reader import CryptoFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(ROOT, "format", "vectors")

@@ -21,12 +21,12 @@ import psutil
 import pytest
 from safetensors.numpy import save_file
 
-from ctfs import control
+from ctfs.ops import control
 from ctfs.errors import CtfsError
-from ctfs.header import read_header_path
-from ctfs.keys import KeySet
-from ctfs.modeldir import encrypt_path
-from ctfs.writer import EncryptOptions
+from ctfs.format.header import read_header_path
+from ctfs.format.keys import KeySet
+from ctfs.format.modeldir import encrypt_path
+from ctfs.format.writer import EncryptOptions
 from mounting import ctfs, daemon_process, force_unmount, is_mounted, mounted, write_keys
 
 BIG = "model-00001-of-00002.safetensors"     # ~2 MiB

@@ -24,12 +24,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import ctfs.writer
+import ctfs.format.writer
 from ctfs.cli import main
-from ctfs.keys import KeySet
-from ctfs.modeldir import encrypt_path
-from ctfs.reader import CryptoFile
-from ctfs.writer import EncryptOptions
+from ctfs.format.keys import KeySet
+from ctfs.format.modeldir import encrypt_path
+from ctfs.format.reader import CryptoFile
+from ctfs.format.writer import EncryptOptions
 
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "ctfs")
 CTFS = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [sys.executable, "-m", "ctfs.cli"]
@@ -59,7 +59,7 @@ def write_plain(path: Path, tensors: dict[str, tuple[str, list[int]]], fill, *,
     """Write a plain safetensors file block by block: ``fill(offset, n)`` gives the data
     bytes at [offset, offset+n) of the data section (None: leave a hole, i.e. zeros).
     Returns the data section's start offset."""
-    from ctfs.header import tensor_nbytes
+    from ctfs.format.header import tensor_nbytes
     hdr, off = {}, 0
     if metadata:
         hdr["__metadata__"] = metadata
@@ -122,11 +122,11 @@ def run_cli(*args) -> tuple[int, str]:
 
 
 class _TruncateSourceAfter:
-    """Replaces ctfs.writer._pread: on call ``n`` the source file is cut short first, as if
+    """Replaces ctfs.format.writer._pread: on call ``n`` the source file is cut short first, as if
     it changed while being encrypted."""
 
     def __init__(self, n: int):
-        self.n, self.calls, self.orig = n, 0, ctfs.writer._pread
+        self.n, self.calls, self.orig = n, 0, ctfs.format.writer._pread
 
     def __call__(self, fd, buf, size, offset, path):
         self.calls += 1
@@ -143,7 +143,7 @@ def test_failure_midway_single_file_leaves_nothing(tmp_path, keyfile, monkeypatc
     out = tmp_path / "out"
     out.mkdir()
     hook = _TruncateSourceAfter(3)
-    monkeypatch.setattr(ctfs.writer, "_pread", hook)
+    monkeypatch.setattr(ctfs.format.writer, "_pread", hook)
     rc, err = run_cli("encrypt", src, out / "dst.safetensors", "--key-file", keyfile,
                       "--chunk-size", "1MiB")
     assert hook.calls >= 3
@@ -157,7 +157,7 @@ def test_failure_midway_directory_leaves_nothing(tmp_path, keyfile, monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
     hook = _TruncateSourceAfter(4)  # first shard is 1 MiB + 2 KiB: 2 reads; fails in shard 2
-    monkeypatch.setattr(ctfs.writer, "_pread", hook)
+    monkeypatch.setattr(ctfs.format.writer, "_pread", hook)
     rc, err = run_cli("encrypt", src, out / "model", "--key-file", keyfile, "--chunk-size", "1MiB")
     assert rc == 1 and "unexpected end of file" in err and "model-00002-of-00003" in err
     assert os.listdir(out) == []
@@ -210,7 +210,7 @@ def test_failed_force_keeps_old_dst(tmp_path, keyfile, keys, monkeypatch, what):
     # and a truncated source through the CLI
     work = tmp_path / "copy"
     shutil.copytree(src, work) if what == "dir" else shutil.copyfile(src, work)
-    monkeypatch.setattr(ctfs.writer, "_pread", _TruncateSourceAfter(2))
+    monkeypatch.setattr(ctfs.format.writer, "_pread", _TruncateSourceAfter(2))
     rc, err = run_cli("encrypt", work, dst, "--key-file", keyfile, "--force")
     assert rc == 1 and "unexpected end of file" in err
     assert tree_state(out) == before and sorted(os.listdir(out)) == ["dst"]

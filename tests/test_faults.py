@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ctfs.keys import KeySet
-from ctfs.reader import CryptoFile
-from ctfs.view import PlainView
-from ctfs.writer import EncryptOptions, encrypt_file
+from ctfs.format.keys import KeySet
+from ctfs.format.reader import CryptoFile
+from ctfs.mount.view import PlainView
+from ctfs.format.writer import EncryptOptions, encrypt_file
 from mounting import ctfs, daemon_process, force_unmount, foreground_daemon, is_mounted, mounted, write_keys
 
 MiB = 1 << 20

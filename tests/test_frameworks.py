@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import jwk_pair
-from ctfs.keys import KeySet
-from ctfs.modeldir import encrypt_path
-from ctfs.writer import EncryptOptions
+from ctfs.format.keys import KeySet
+from ctfs.format.modeldir import encrypt_path
+from ctfs.format.writer import EncryptOptions
 from mounting import ctfs, is_mounted, mounted, write_keys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""Real FUSE mounts of an in-memory tree through ctfs.fuse_ops / ctfs.mountd.
+"""Real FUSE mounts of an in-memory tree through ctfs.fuse_ops / ctfs.mount.mountd.
 
 Every daemon runs in a subprocess (this file doubles as the daemon script: ``python
 tests/test_fuse_layer.py serve MOUNTPOINT ...``), so kill -9 and signals can be tested
@@ -134,7 +134,7 @@ def _daemon_main(argv: list[str]) -> int:
     ap.add_argument("--big", type=int, default=BIG)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
-    from ctfs import mountd
+    from ctfs.mount import mountd
 
     def ready():
         print("READY", flush=True)
@@ -157,7 +157,7 @@ if __name__ == "__main__":
 # --------------------------------------------------------------------------------------
 # fixtures
 
-from ctfs import mountd  # noqa: E402
+from ctfs.mount import mountd  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120)]
 import numpy as np  # noqa: E402

@@ -15,8 +15,8 @@ import struct
 
 import pytest
 
-from ctfs import fuse_reply as FR
-from ctfs.fuse_reply import DirectReplier, LayoutError
+from ctfs.mount import fuse_reply as FR
+from ctfs.mount.fuse_reply import DirectReplier, LayoutError
 
 FUSE_PTR = 0x5000
 UID, GID, PID = 1234, 5678, 4242
@@ -227,8 +227,8 @@ def model(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from ctfs.keys import KeySet
-    from ctfs.writer import EncryptOptions, encrypt_file
+    from ctfs.format.keys import KeySet
+    from ctfs.format.writer import EncryptOptions, encrypt_file
     from mounting import write_keys
 
     d = tmp_path_factory.mktemp("reply")
@@ -325,7 +325,7 @@ OTHER_LAYOUT = {
 @pytest.mark.parametrize("layout", sorted(OTHER_LAYOUT))
 def test_mount_on_another_libfuse_layout_copies_with_one_warning(model, tmp_path, layout):
     import sys
-    code = ("import sys, ctfs.fuse_reply as FR; " + OTHER_LAYOUT[layout] +
+    code = ("import sys, ctfs.mount.fuse_reply as FR; " + OTHER_LAYOUT[layout] +
             "; from ctfs.cli import main; sys.argv[0] = 'ctfs'; sys.exit(main())")
     st, text, _ = serve_and_read(model, tmp_path, [sys.executable, "-c", code])  # --fuse-reply auto
     assert (st["fuse_reply"], st["direct_replies"]) == ("copy", 0)
@@ -351,7 +351,7 @@ def test_mount_maps_its_read_buffers_before_serving(model, tmp_path):
 def test_mfusepy_outside_the_pinned_range_is_refused_with_the_fix(monkeypatch):
     import importlib.metadata as md
 
-    from ctfs import fuse_ops  # first: it binds mfusepy to libfuse3
+    from ctfs.mount import fuse_ops  # first: it binds mfusepy to libfuse3
     mfusepy = fuse_ops.mfusepy
     fuse_ops.check_mfusepy(mfusepy)  # the installed one passes
     monkeypatch.setattr(md, "version", lambda name: "4.0.1")

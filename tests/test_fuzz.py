@@ -1,6 +1,6 @@
-"""Fuzzing with hypothesis: ``ctfs.header.parse_header_bytes``, ``ctfs.reader.CryptoFile``
+"""Fuzzing with hypothesis: ``ctfs.format.header.parse_header_bytes``, ``ctfs.format.reader.CryptoFile``
 (random files and mutated valid files), the ``ctfs.cryptometa`` parsers (and the policy
-field and JWK set parsers beside them) and ``ctfs.view.PlainView`` building. Only the
+field and JWK set parsers beside them) and ``ctfs.mount.view.PlainView`` building. Only the
 documented exceptions (``ctfs.errors.CtfsError`` subclasses) may escape; every example runs
 under a deadline (no hang) and the process's peak RSS may not jump (no allocation in
 proportion to a declared size or to nesting depth). The oracle is shared with the atheris
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
 import oracle  # noqa: E402
 
 from ctfs.errors import InvalidHeaderError  # noqa: E402
-from ctfs.header import TensorInfo  # noqa: E402
+from ctfs.format.header import TensorInfo  # noqa: E402
 
 TOTAL = int(os.environ.get("CTFS_FUZZ_EXAMPLES", "12000"))
 SHARES = {"header_random": 0.22, "header_structured": 0.22, "cryptometa": 0.14, "keyset": 0.06,
@@ -97,7 +97,7 @@ def test_parse_header_structured(seed):
 
 
 def test_deep_nesting_and_huge_numbers_are_documented_errors():
-    from ctfs.header import parse_header_bytes
+    from ctfs.format.header import parse_header_bytes
     for raw in (b"[" * 200_000, b'{"a":' * 200_000, b'{"t":[' + b"1" * 100_000 + b"]}"):
         with pytest.raises(InvalidHeaderError):
             parse_header_bytes(raw, 8 + len(raw))
@@ -189,8 +189,8 @@ def test_header_padding_is_not_signed_but_cannot_change_what_is_served(seeds):
     assert orig[8 + n - 1:8 + n] == b" "
     moved = struct.pack("<Q", n - 1) + orig[8:8 + n - 1] + orig[8 + n:]
     assert oracle.check_file(seeds.path, moved, seeds.keys, original_view=seeds.views[0]) == "served"
-    from ctfs.reader import CryptoFile
-    from ctfs.view import PlainView
+    from ctfs.format.reader import CryptoFile
+    from ctfs.mount.view import PlainView
     with open(seeds.path, "wb") as f:
         f.write(moved)
     cf = CryptoFile(seeds.path, seeds.keys)
@@ -241,9 +241,9 @@ def _v1_tiny_plain_read_seconds(tmp_path) -> float:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from ctfs.keys import KeySet
-    from ctfs.reader import CryptoFile
-    from ctfs.writer import EncryptOptions, encrypt_file
+    from ctfs.format.keys import KeySet
+    from ctfs.format.reader import CryptoFile
+    from ctfs.format.writer import EncryptOptions, encrypt_file
     save_file({"a": np.arange(1 << 16, dtype=np.float32), "b": np.ones(1, dtype=np.uint8)},
               str(tmp_path / "p.safetensors"))
     keys = KeySet.generate()

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from ctfs import errors
-from ctfs.header import (
+from ctfs.format.header import (
     MAX_HEADER_SIZE, TensorInfo, canonical_signed_message, parse_header_bytes, read_header_path,
     serialize_header, sorted_tensors, tensor_nbytes,
 )

@@ -13,10 +13,10 @@ import psutil
 import pytest
 from safetensors.numpy import save_file
 
-from ctfs.keys import KeySet
-from ctfs.metrics import MetricsError, MetricsServer, MountCollector, parse_address
-from ctfs.modeldir import encrypt_path
-from ctfs.writer import EncryptOptions
+from ctfs.format.keys import KeySet
+from ctfs.ops.metrics import MetricsError, MetricsServer, MountCollector, parse_address
+from ctfs.format.modeldir import encrypt_path
+from ctfs.format.writer import EncryptOptions
 from mounting import ctfs, daemon_process, mounted, scrape_metrics, write_keys
 
 STATUS = {

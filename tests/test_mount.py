@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ctfs.header import read_header_path
-from ctfs.keys import KeySet
-from ctfs.modeldir import encrypt_path
-from ctfs.writer import EncryptOptions
+from ctfs.format.header import read_header_path
+from ctfs.format.keys import KeySet
+from ctfs.format.modeldir import encrypt_path
+from ctfs.format.writer import EncryptOptions
 from mounting import CTFS, ctfs, daemon_process, force_unmount, foreground_daemon, is_mounted, mounted, write_keys
 
 

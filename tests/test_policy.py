@@ -14,9 +14,9 @@ try:
 except ImportError:  # run as plain `pytest` without the repo root on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ctfs import policy
+from ctfs.auth import policy
 from ctfs.errors import CtfsError, PolicyError
-from ctfs.policy import (DEFAULT_POLICY_SOURCE, PolicyDecision, build_input, evaluate,
+from ctfs.auth.policy import (DEFAULT_POLICY_SOURCE, PolicyDecision, build_input, evaluate,
                          make_policy_field, parse_policy_field)
 
 import regopy  # noqa: E402,F401  (a runtime dependency)
@@ -429,7 +429,7 @@ def test_regopy_outside_the_pinned_range_is_refused_with_the_fix():
 
     import regopy.rego_shared
 
-    from ctfs.policy import check_regopy
+    from ctfs.auth.policy import check_regopy
     assert check_regopy(regopy) is None
     fake = types.SimpleNamespace(__version__="1.6.0", rego_shared=regopy.rego_shared,
                                  Interpreter=regopy.Interpreter)

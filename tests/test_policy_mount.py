@@ -6,7 +6,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ctfs.keys import KeySet
+from ctfs.format.keys import KeySet
 from mounting import ctfs, is_mounted, mounted, write_keys
 
 POLICY = '''package model

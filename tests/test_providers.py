@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import socket
 import stat
 import subprocess
@@ -16,15 +17,17 @@ import uuid
 
 import pytest
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 
 from openbao import OpenBao  # noqa: E402  (fixtures come from conftest: one server per session)
 
 from ctfs.errors import CtfsError  # noqa: E402
-from ctfs.keys import KeySet  # noqa: E402
-from ctfs.mount import load_keys  # noqa: E402
-from ctfs.providers import (ProviderDenied, ProviderError, ProviderUnavailable,  # noqa: E402
+from ctfs.format.keys import KeySet  # noqa: E402
+from ctfs.service import load_keys  # noqa: E402
+from ctfs.auth.providers import (ProviderDenied, ProviderError, ProviderUnavailable,  # noqa: E402
                             available, forget_env, get_provider)
-from ctfs.providers.vault import VaultProvider, parse_wrapped, wrap_file  # noqa: E402
+from ctfs.auth.providers.vault import VaultProvider, parse_wrapped, wrap_file  # noqa: E402
 from mounting import write_secret  # noqa: E402
 
 SECRET_VARS = ("VAULT_TOKEN", "BAO_TOKEN", "VAULT_SECRET_ID", "BAO_SECRET_ID", "VAULT_ADDR",
@@ -445,7 +448,7 @@ def test_vault_token_and_secret_id_from_credentials(openbao_server, keys, tmp_pa
 def test_env_provider_scrubs_initial_environment(keys):
     code = textwrap.dedent("""
         import os, sys
-        from ctfs.providers import get_provider
+        from ctfs.auth.providers import get_provider
         p = get_provider("env")
         ks = p.load()
         print(len(ks.master), "CRYPTOTENSOR_KEYS" in os.environ,
@@ -469,8 +472,27 @@ def test_builtin_providers_registered_as_entry_points():
     from importlib import metadata
     eps = {ep.name: ep.value for ep in metadata.entry_points(group="ctfs.key_providers")}
     assert {"file", "env", "vault", "systemd-creds"} <= set(eps)
-    assert eps["vault"] == "ctfs.providers.vault:VaultProvider"
+    assert eps["vault"] == "ctfs.auth.providers.vault:VaultProvider"
     assert set(available()) >= {"file", "env", "vault", "systemd-creds"}
+
+
+def test_stale_ctfs_metadata_never_replaces_a_builtin(tmp_path):
+    """Installed metadata of another ctfs version (an editable install of an older tree)
+    naming built-in providers elsewhere does not break them; the code's own table wins."""
+    site = tmp_path / "site"
+    (site / "ctfs-0.0.1.dist-info").mkdir(parents=True)
+    (site / "ctfs-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ctfs\nVersion: 0.0.1\n")
+    (site / "ctfs-0.0.1.dist-info" / "entry_points.txt").write_text(
+        "[ctfs.key_providers]\nfile = ctfs.providers:FileProvider\nextra = ctfs_extra:Extra\n")
+    code = ("from importlib import metadata\n"
+            "from ctfs.auth.providers import available, provider_class\n"
+            "eps = {ep.name: ep.value for ep in metadata.entry_points(group='ctfs.key_providers')}\n"
+            "assert eps['file'] == 'ctfs.providers:FileProvider', eps\n"
+            "print(available()['file'], available()['extra'], provider_class('file').__name__)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ctfs.auth.providers:FileProvider", "ctfs_extra:Extra", "FileProvider"]
 
 
 def test_site_provider_found_through_entry_point_metadata(tmp_path, keys):
@@ -481,7 +503,7 @@ def test_site_provider_found_through_entry_point_metadata(tmp_path, keys):
     (site / "ctfs_site_provider-1.0.dist-info" / "entry_points.txt").write_text(
         "[ctfs.key_providers]\nsite-hsm = ctfs_site_provider:HsmProvider\n")
     (site / "ctfs_site_provider.py").write_text(textwrap.dedent(f"""
-        from ctfs.keys import KeySet
+        from ctfs.format.keys import KeySet
         class HsmProvider:
             name = "site-hsm"
             def __init__(self, **options):
@@ -490,7 +512,7 @@ def test_site_provider_found_through_entry_point_metadata(tmp_path, keys):
                 return KeySet.from_json({json.dumps(json.dumps(keys.to_jwks()))}, source="hsm")
     """))
     code = textwrap.dedent("""
-        from ctfs.providers import available, get_provider
+        from ctfs.auth.providers import available, get_provider
         assert available()["site-hsm"] == "ctfs_site_provider:HsmProvider"
         p = get_provider("site-hsm", slot=3)
         print(p.options["slot"], p.load().master[0].kid)
@@ -500,6 +522,6 @@ def test_site_provider_found_through_entry_point_metadata(tmp_path, keys):
                        timeout=60, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["3", keys.master[0].kid]
-    r = subprocess.run([sys.executable, "-c", "from ctfs.providers import get_provider; get_provider('nope')"],
+    r = subprocess.run([sys.executable, "-c", "from ctfs.auth.providers import get_provider; get_provider('nope')"],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert "unknown key provider 'nope'" in r.stderr and "site-hsm" not in r.stderr

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import ref_keys
 from ctfs import api, errors
-from ctfs.header import read_header_path
-from ctfs.keys import KeySet
-from ctfs.reader import CryptoFile
+from ctfs.format.header import read_header_path
+from ctfs.format.keys import KeySet
+from ctfs.format.reader import CryptoFile
 
 
 def _files(manifest):
@@ -60,7 +60,7 @@ def test_safe_open_matches_manifest(ref_vectors, ref_manifest, framework):
 
 
 def test_signed_message_matches_manifest(ref_vectors, ref_manifest):
-    from ctfs.header import canonical_signed_message
+    from ctfs.format.header import canonical_signed_message
     for name, entry in ref_manifest["files"].items():
         hdr = read_header_path(ref_vectors / name)
         msg = canonical_signed_message(hdr.metadata, hdr.tensors.values())

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from conftest import jwk_pair
 from ctfs import errors
-from ctfs.header import read_header_path
-from ctfs.keys import KeySet
-from ctfs.reader import CryptoFile
-from ctfs.rewrap import journal_path, recover, rewrap_file
-from ctfs.writer import EncryptOptions, encrypt_file
+from ctfs.format.header import read_header_path
+from ctfs.format.keys import KeySet
+from ctfs.format.reader import CryptoFile
+from ctfs.format.rewrap import journal_path, recover, rewrap_file
+from ctfs.format.writer import EncryptOptions, encrypt_file
 from mounting import ctfs, write_keys
 
 
@@ -65,7 +65,7 @@ def test_interrupted_rewrap_is_completed(enc, monkeypatch):
     d, ts, old = enc
     f = str(d / "e.safetensors")
     new = KeySet.generate(name="new")
-    import ctfs.rewrap as rw
+    import ctfs.format.rewrap as rw
     real = rw._overwrite_header
     monkeypatch.setattr(rw, "_overwrite_header", lambda p, h: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -116,7 +116,7 @@ def test_cli_rewrap_directory(enc, tmp_path):
 
 def test_rewrap_refuses_other_algorithm(enc):
     d, ts, old = enc
-    from ctfs.writer import EncryptError
+    from ctfs.format.writer import EncryptError
     with pytest.raises(EncryptError, match="cannot change the algorithm"):
         rewrap_file(str(d / "e.safetensors"), old, KeySet.generate("chacha20poly1305"))
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ctfs.keys import KeySet
-from ctfs.writer import EncryptOptions
-from ctfs.modeldir import encrypt_path
+from ctfs.format.keys import KeySet
+from ctfs.format.writer import EncryptOptions
+from ctfs.format.modeldir import encrypt_path
 from mounting import ctfs, daemon_process, foreground_daemon, is_mounted, mounted, write_keys
 
 MiB = 1 << 20

@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ctfs import source as S
+from ctfs.storage import direct as S
 from ctfs.errors import IntegrityError
-from ctfs.header import read_header_path
-from ctfs.keys import KeySet
-from ctfs.reader import CryptoFile
-from ctfs.writer import EncryptOptions, encrypt_file
+from ctfs.format.header import read_header_path
+from ctfs.format.keys import KeySet
+from ctfs.format.reader import CryptoFile
+from ctfs.format.writer import EncryptOptions, encrypt_file
+from ctfs.storage.local import open_blob
 from mounting import mounted, write_keys
 
 PAGE = 4096
@@ -181,7 +182,7 @@ def enc_file(tmp_path_factory):
 @pytest.mark.parametrize("mode", S.MODES)
 def test_crypto_file_decrypts_the_same_through_every_mode(enc_file, mode):
     uncache(enc_file["enc"])
-    with CryptoFile(enc_file["enc"], enc_file["keys"], source_io=mode) as cf:
+    with CryptoFile(open_blob(enc_file["enc"], mode), enc_file["keys"]) as cf:
         for name, t in enc_file["tensors"].items():
             assert bytes(cf.tensor_bytes(name)) == t.numpy().tobytes()
         assert (cf._source.direct_reads > 0) == (mode != "buffered")
@@ -195,7 +196,7 @@ def test_direct_reads_still_detect_tampering_and_truncation(enc_file, tmp_path):
     data[h.data_start + a.start + 256 * 1024 + 7] ^= 1  # chunk 1 of "a"
     bad.write_bytes(bytes(data))
     uncache(bad)
-    with CryptoFile(bad, enc_file["keys"], source_io="direct") as cf:
+    with CryptoFile(open_blob(bad, "direct"), enc_file["keys"]) as cf:
         out = bytearray(256 * 1024)
         cf.read_segment(0, out)  # chunk 0 is fine
         with pytest.raises(IntegrityError, match="chunk 1: authentication tag mismatch"):
@@ -204,7 +205,7 @@ def test_direct_reads_still_detect_tampering_and_truncation(enc_file, tmp_path):
         assert cf._source.direct_reads >= 2 and cf._source.buffered_reads == 0
     short = tmp_path / "short.safetensors"
     short.write_bytes(enc_file["enc"].read_bytes())
-    with CryptoFile(short, enc_file["keys"], source_io="direct") as cf:  # shrinks once open
+    with CryptoFile(open_blob(short, "direct"), enc_file["keys"]) as cf:  # shrinks once open
         os.truncate(short, h.data_start + a.start + 256 * 1024 + 100)
         uncache(short)
         with pytest.raises(IntegrityError, match="chunk 1: file is truncated"):
@@ -215,7 +216,7 @@ def test_direct_reads_still_detect_tampering_and_truncation(enc_file, tmp_path):
 def test_sequential_direct_reads_are_read_ahead(enc_file):
     uncache(enc_file["enc"])
     want = enc_file["tensors"]["a"].numpy().tobytes()
-    with CryptoFile(enc_file["enc"], enc_file["keys"], source_io="auto") as cf:
+    with CryptoFile(open_blob(enc_file["enc"], "auto"), enc_file["keys"]) as cf:
         src = cf._source
         a = cf.tensors["a"]
         segs = list(cf.segments_for(a.start, a.nbytes))

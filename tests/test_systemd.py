@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ctfs.keys import KeySet
-from ctfs.modeldir import encrypt_path
-from ctfs.notify import Notifier, socket_address
-from ctfs.writer import EncryptOptions
+from ctfs.format.keys import KeySet
+from ctfs.format.modeldir import encrypt_path
+from ctfs.ops.notify import Notifier, socket_address
+from ctfs.format.writer import EncryptOptions
 from mounting import force_unmount, is_mounted, scrape_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def test_unit_is_notify_hardened_and_keeps_the_mount_visible():
 def test_example_config_parses(monkeypatch):
     import pwd
 
-    from ctfs.config import load
+    from ctfs.ops.config import load
     real = pwd.getpwnam
     monkeypatch.setattr(pwd, "getpwnam",
                         lambda n: pwd.struct_passwd(("vllm", "x", 990, 990, "", "/", "/bin/false"))

@@ -31,10 +31,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ctfs.cache import ChunkCache
-from ctfs.keys import KeySet
-from ctfs.tree import MountRefused, MountTree
-from ctfs.writer import EncryptOptions, encrypt_file
+from ctfs.mount.cache import ChunkCache
+from ctfs.format.keys import KeySet
+from ctfs.mount.tree import MountRefused, MountTree
+from ctfs.format.writer import EncryptOptions, encrypt_file
 from mounting import ctfs, is_mounted, mounted, write_keys
 
 READ = 4096

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ctfs.cache import ChunkCache
-from ctfs.header import read_header_path
-from ctfs.keys import KeySet
-from ctfs.modeldir import encrypt_path
-from ctfs.tree import MountRefused, MountTree
-from ctfs.writer import EncryptOptions
+from ctfs.mount.cache import ChunkCache
+from ctfs.format.header import read_header_path
+from ctfs.format.keys import KeySet
+from ctfs.format.modeldir import encrypt_path
+from ctfs.mount.tree import MountRefused, MountTree
+from ctfs.format.writer import EncryptOptions
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_fuse_ops_check_metadata_against_the_access_list(setup, monkeypatch):
     """No mount needed: over a tree with an access list, the FUSE operations refuse stat,
     access, listing and statfs to callers not on it (EACCES, also for names that do not
     exist), and keep no kernel entry/attribute cache; without a list nothing is checked."""
-    from ctfs import fuse_ops  # first: it binds mfusepy to libfuse3
+    from ctfs.mount import fuse_ops  # first: it binds mfusepy to libfuse3
     FuseOSError = fuse_ops.FuseOSError
     plain, enc, keys = setup
     caller = {"uid": 1001, "gid": 1001}
@@ -136,7 +136,7 @@ def test_fuse_init_turns_auto_inval_data_off(setup):
     timeout 0) would first cost a GETATTR round trip."""
     from types import SimpleNamespace
 
-    from ctfs import fuse_ops
+    from ctfs.mount import fuse_ops
     plain, enc, keys = setup
     ops = fuse_ops.CtfsOperations(MountTree(str(enc), keys, ChunkCache(1 << 20)))
     conn = SimpleNamespace(proto_major=7, proto_minor=45, max_write=1 << 20, max_read=0,

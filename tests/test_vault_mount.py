@@ -22,10 +22,10 @@ import pytest
 from openbao import OpenBao  # noqa: E402  (fixtures come from conftest: one server per session)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from ctfs.header import read_header_path  # noqa: E402
-from ctfs.keys import KeySet  # noqa: E402
-from ctfs.modeldir import encrypt_path  # noqa: E402
-from ctfs.writer import EncryptOptions  # noqa: E402
+from ctfs.format.header import read_header_path  # noqa: E402
+from ctfs.format.keys import KeySet  # noqa: E402
+from ctfs.format.modeldir import encrypt_path  # noqa: E402
+from ctfs.format.writer import EncryptOptions  # noqa: E402
 from mounting import ctfs, daemon_process, force_unmount, foreground_daemon, is_mounted, write_keys, write_secret  # noqa: E402
 
 SHARD = "model.safetensors"

@@ -24,10 +24,10 @@ from cryptography.x509.oid import NameOID
 from urllib3.exceptions import InsecureRequestWarning
 
 from openbao import OpenBao, openbao_tls_server  # noqa: F401  (module-scoped fixture)
-from ctfs.keys import KeySet
-from ctfs.mount import load_keys
-from ctfs.providers import ProviderDenied, ProviderError, ProviderUnavailable
-from ctfs.providers.vault import VaultProvider
+from ctfs.format.keys import KeySet
+from ctfs.service import load_keys
+from ctfs.auth.providers import ProviderDenied, ProviderError, ProviderUnavailable
+from ctfs.auth.providers.vault import VaultProvider
 from mounting import ctfs, daemon_process, foreground_daemon, is_mounted, write_secret
 from test_providers import SECRET_VARS, kv_secret, same_keys, transit_setup
 from test_vault_mount import (transit_key, unmount_quietly, assert_serves_plaintext, base_env, kv_store,  # noqa: F401

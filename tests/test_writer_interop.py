@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 
 from conftest import jwk_pair
 from ctfs import api, errors
-from ctfs.cryptometa import PLAIN_DIGESTS
-from ctfs.header import read_header_path
-from ctfs.keys import KeySet
-from ctfs.reader import CryptoFile
-from ctfs.writer import EncryptError, EncryptOptions, encrypt_file
+from ctfs.format.cryptometa import PLAIN_DIGESTS
+from ctfs.format.header import read_header_path
+from ctfs.format.keys import KeySet
+from ctfs.format.reader import CryptoFile
+from ctfs.format.writer import EncryptError, EncryptOptions, encrypt_file
 
 
 def tensors():

@@ -20,7 +20,7 @@ import _driver  # noqa: E402
 
 with _driver.instrumented():
     import oracle  # noqa: E402
-    from ctfs.header import TensorInfo  # noqa: E402
+    from ctfs.format.header import TensorInfo  # noqa: E402
 
 TENSORS = {"a": TensorInfo("a", "F32", (50,), 0, 200), "b": TensorInfo("b", "U8", (37,), 200, 237)}
 

@@ -14,13 +14,13 @@ import random
 import struct
 import tempfile
 
-from ctfs import header as hdr
-from ctfs import cryptometa
+from ctfs.format import header as hdr
+from ctfs.format import cryptometa
 from ctfs.errors import CtfsError, IntegrityError
-from ctfs.header import DTYPE_BITS, TensorInfo, parse_header_bytes
-from ctfs.keys import KeySet
-from ctfs.reader import CryptoFile
-from ctfs.view import PlainView
+from ctfs.format.header import DTYPE_BITS, TensorInfo, parse_header_bytes
+from ctfs.format.keys import KeySet
+from ctfs.format.reader import CryptoFile
+from ctfs.mount.view import PlainView
 
 DTYPES = list(DTYPE_BITS)
 
@@ -48,7 +48,7 @@ class Seeds:
         import numpy as np
         from safetensors.numpy import save_file
 
-        from ctfs.writer import EncryptOptions, encrypt_file
+        from ctfs.format.writer import EncryptOptions, encrypt_file
 
         self.keys = KeySet.generate(name="fuzz")
         self.other_keys = KeySet.generate(name="fuzz")  # same kids, other key material
@@ -187,7 +187,7 @@ def check_crypto_metadata(text: str, tensors: dict[str, TensorInfo]) -> None:
     v1 = cryptometa.CryptoKeys("1", None, keys.enc, keys.sign)
     expect_documented(cryptometa.parse_encryption, text, tensors, v1, 32)
     expect_documented(cryptometa.parse_plain_digests, text, tensors, set(list(tensors)[:1]))
-    from ctfs.policy import parse_policy_field
+    from ctfs.auth.policy import parse_policy_field
     expect_documented(parse_policy_field, text)
 
 
@@ -327,7 +327,7 @@ def rebuild(data: bytes, doc: dict, keys: KeySet | None, rng: random.Random) -> 
         except Exception:  # noqa: BLE001 - not signable: leave the old signature
             msg = None
         if msg is not None:
-            from ctfs.signing import sign
+            from ctfs.format.signing import sign
             meta[cryptometa.SIGNATURE] = sign(msg, keys.signer())
     text = json.dumps(doc, ensure_ascii=rng.random() < 0.2, separators=(",", ":")).encode("utf-8", "surrogatepass")
     pad = n if len(text) <= n and rng.random() < 0.8 else len(text) + rng.randrange(8)

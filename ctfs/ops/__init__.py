@@ -1,0 +1,2 @@
+"""Running mounts: config files, the control socket, Prometheus metrics, systemd
+notifications."""
