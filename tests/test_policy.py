@@ -439,3 +439,25 @@ def test_regopy_outside_the_pinned_range_is_refused_with_the_fix():
                                  Interpreter=regopy.Interpreter)
     assert check_regopy(fake).startswith("ctfs needs regopy>=1.5,<1.6 (found regopy 1.5.9, without "
                                          "rego_shared.rego, rego_node_get")
+
+
+def test_reader_without_a_policy_engine_refuses_every_file(tmp_path, monkeypatch):
+    """The format layer cannot import the engine; the package root wires it in. Without
+    that wiring a reader fails closed (PolicyError), even for the default policy."""
+    from safetensors.numpy import save_file
+
+    from ctfs.format import policyfield
+    from ctfs.format.keys import KeySet
+    from ctfs.format.reader import CryptoFile
+    from ctfs.format.writer import encrypt_file
+    import numpy as np
+
+    keys = KeySet.generate()
+    save_file({"w": np.arange(6, dtype=np.float32)}, str(tmp_path / "p.safetensors"))
+    encrypt_file(str(tmp_path / "p.safetensors"), str(tmp_path / "e.safetensors"), keys)
+    with CryptoFile(tmp_path / "e.safetensors", keys) as cf:  # wired: the default policy allows
+        assert bytes(cf.tensor_bytes("w")) == np.arange(6, dtype=np.float32).tobytes()
+    monkeypatch.setattr(policyfield, "_evaluator", None)
+    with pytest.raises(PolicyError, match=r"e\.safetensors: no policy engine is installed"):
+        CryptoFile(tmp_path / "e.safetensors", keys)
+    CryptoFile(tmp_path / "e.safetensors", keys, check_policy=False).close()  # only when asked
