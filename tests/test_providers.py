@@ -490,7 +490,9 @@ def test_stale_ctfs_metadata_never_replaces_a_builtin(tmp_path):
             "assert eps['file'] == 'ctfs.providers:FileProvider', eps\n"
             "print(available()['file'], available()['extra'], provider_class('file').__name__)\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    # cwd: not the repository, whose ctfs.egg-info (an editable install) would come first
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["ctfs.auth.providers:FileProvider", "ctfs_extra:Extra", "FileProvider"]
 
