@@ -327,7 +327,7 @@ class CtfsOperations(mfusepy.Operations):
         elif self.fuse_reply == "auto" and self.replier is None:
             try:
                 from .fuse_reply import DirectReplier
-                self.replier = DirectReplier.for_fuse(LIBFUSE_NAME, ptr)
+                self.replier = DirectReplier.for_fuse(LIBFUSE, ptr)
             except Exception as e:  # noqa: BLE001
                 log.warning("direct FUSE replies unavailable (%s); reads copy through libfuse", e)
         if self.on_init is not None:

@@ -127,10 +127,10 @@ class DirectReplier:
         self.unknown = 0  # replies the kernel did not take: ENOENT
 
     @classmethod
-    def for_fuse(cls, libfuse_path: str, fuse_ptr: int) -> "DirectReplier":
-        lib = ctypes.CDLL(libfuse_path)  # own handle: own restypes, mfusepy's untouched
+    def for_fuse(cls, lib: ctypes.CDLL, fuse_ptr: int) -> "DirectReplier":
+        """``lib``: ctfs's own handle on libfuse3 (``ctfs.mount.fuse_ops.LIBFUSE``, whose
+        ``fuse_get_context`` returns an address), not mfusepy's: restypes set here stay ours."""
         get_context = lib.fuse_get_context
-        get_context.restype, get_context.argtypes = ctypes.c_void_p, ()
         req_ctx = lib.fuse_req_ctx
         req_ctx.restype, req_ctx.argtypes = ctypes.c_void_p, (ctypes.c_void_p,)
         get_session = lib.fuse_get_session

@@ -113,13 +113,11 @@ class MountTree:
                                        f"with another file")
                 nodes[vp] = node
                 children[vdir].append(name)
-        except OSError as e:
+        except BaseException as e:
             for cf in opened:
                 cf.close()
-            raise MountRefused(f"{e.filename or self.src}: {e.strerror or e}") from None
-        except BaseException:
-            for cf in opened:
-                cf.close()
+            if isinstance(e, OSError):  # the store could not list or stat an entry
+                raise MountRefused(f"{e.filename or self.src}: {e.strerror or e}") from None
             raise
         self._nodes, self._children = nodes, children
         self.files = opened

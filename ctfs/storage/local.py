@@ -6,31 +6,23 @@ from __future__ import annotations
 import os
 import stat
 
+from ..format.blob import FileBlob
 from .base import Entry
 from .direct import MODES, Source
 
 
-class LocalBlob:
-    """One local file: positioned reads through the page cache, chunk reads by a Source."""
+class LocalBlob(FileBlob):
+    """One local file: positioned reads through the page cache (as a FileBlob), chunk reads
+    by a Source (``O_DIRECT`` unless the page cache holds them; MODE, see ``MODES``)."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"source I/O mode must be one of {', '.join(MODES)}, not {mode!r}")
-        self.name, self.mode = os.fspath(path), mode
-        self._fd = os.open(self.name, os.O_RDONLY | os.O_CLOEXEC)
-        self.size = os.fstat(self._fd).st_size
-
-    def pread_into(self, buf, offset: int) -> int:
-        return os.preadv(self._fd, [buf], offset)
+        super().__init__(path)
+        self.mode = mode
 
     def chunk_reader(self, max_length: int, extra: int) -> Source:
         return Source(self._fd, self.name, self.mode, max_length=max_length, extra=extra)
-
-    def close(self) -> None:
-        """Close the file (after every chunk reader it gave out is closed)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 def open_blob(path: str | os.PathLike, mode: str = "auto") -> LocalBlob:
