@@ -298,6 +298,30 @@ _VAULT_STORAGE_OPTIONS = [
 ]
 
 
+_S3_OPTIONS = [
+    click.option("--s3-endpoint", metavar="URL",
+                 help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or AWS)."),
+    click.option("--s3-path-style/--s3-virtual-hosted", "s3_path_style", default=None,
+                 help="Addressing (default: path style when an endpoint is given)."),
+    click.option("--s3-region", metavar="REGION", help="Region (default: the AWS chain's, else us-east-1)."),
+    click.option("--s3-timeout", type=Duration(), default="2m", show_default=True,
+                 help="A GET still failing after this long (retried meanwhile) becomes EIO."),
+    click.option("--s3-concurrency", type=click.IntRange(1, 256), default=8, show_default=True,
+                 help="GETs in flight."),
+    click.option("--s3-readahead", type=Size(), default="64MiB", show_default=True,
+                 help="Largest readahead window per file (it adapts up to this)."),
+    click.option("--cache-dir", type=click.Path(file_okay=False),
+                 help="Keep fetched ciphertext chunks here (never plaintext); reused by later mounts."),
+    click.option("--cache-dir-size", type=Size(), default="50GiB", show_default=True,
+                 help="Bound of --cache-dir (least recently used chunks go first)."),
+]
+
+
+def _s3_fields(values: dict) -> dict:
+    return {k: values[k] for k in ("s3_endpoint", "s3_path_style", "s3_region", "s3_timeout",
+                                   "s3_concurrency", "s3_readahead", "cache_dir", "cache_dir_size")}
+
+
 def _with_options(options):
     def deco(f):
         for opt in reversed(options):
@@ -352,15 +376,20 @@ def _set_options(values: dict) -> dict:
                    "a denial locks the mount.")
 @click.option("--credential", metavar="NAME", help="systemd credential holding the JWK set "
               "(systemd-creds provider; default ctfs-keys).")
-@_with_options(_VAULT_AUTH_OPTIONS + _VAULT_STORAGE_OPTIONS)
+@_with_options(_VAULT_AUTH_OPTIONS + _VAULT_STORAGE_OPTIONS + _S3_OPTIONS)
 def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, readahead, direct_io,
           source_io, fuse_reply, allow_plain, allow_unverified_plain, allow_uid, allow_gid, timeout, foreground, log_level,
-          recheck=None, credential=None, config_file=None, metrics=None, **vault_options):
+          recheck=None, credential=None, config_file=None, metrics=None, **options):
     """Mount the CryptoTensors directory SRC at MOUNTPOINT as plain safetensors files.
 
+    SRC is a directory or s3://BUCKET/PREFIX (credentials from the standard AWS chain).
     SRC and MOUNTPOINT may come from --config FILE instead. Returns once the mount is
     authorised and serving (or fails with the reason)."""
     import dataclasses
+
+    from .storage import is_url
+    s3 = _s3_fields(options)
+    vault_options = {k: v for k, v in options.items() if k not in s3}
 
     from .mount import mountd
     from .ops.config import apply as apply_config
@@ -377,14 +406,19 @@ def mount(src, mountpoint, key_provider, key_file, insecure_perms, cache_size, r
                       allow_plain=allow_plain, allow_unverified_plain=allow_unverified_plain,
                       allow_uids=_ids(allow_uid, "uid"), allow_gids=_ids(allow_gid, "gid"),
                       timeout=timeout, recheck=recheck, foreground=foreground,
-                      metrics=metrics, log_level=log_level)
+                      metrics=metrics, log_level=log_level, **s3)
     if config_file:
         cfg = apply_config(cfg, load_config(config_file), given_parameters(click.get_current_context()))
     if not cfg.src or not cfg.mountpoint:
         raise click.UsageError("SRC and MOUNTPOINT are required (on the command line or in --config FILE)")
-    cfg = dataclasses.replace(cfg, src=os.path.abspath(cfg.src), mountpoint=os.path.abspath(cfg.mountpoint))
-    if not os.path.isdir(cfg.src):
+    remote = is_url(cfg.src)
+    cfg = dataclasses.replace(cfg, src=cfg.src if remote else os.path.abspath(cfg.src),
+                              mountpoint=os.path.abspath(cfg.mountpoint),
+                              cache_dir=cfg.cache_dir and os.path.abspath(cfg.cache_dir))
+    if not remote and not os.path.isdir(cfg.src):
         raise CtfsError(f"{cfg.src}: not a directory")
+    if cfg.cache_dir and not remote:
+        raise click.UsageError("--cache-dir is for an s3:// SRC (a local SRC is read directly)")
     if cfg.metrics:
         from .ops.metrics import parse_address
         parse_address(cfg.metrics)
@@ -532,6 +566,38 @@ def unlock(mountpoint):
     from .ops.control import request
     resp = request(mountpoint, "unlock")
     click.echo(f"{mountpoint}: {'not locked' if resp.get('already') else 'unlocked'}", err=True)
+
+
+@cli.command()
+@click.argument("src")
+@_with_options(_S3_OPTIONS)
+def prefetch(src, **options):
+    """Fill --cache-dir with the ciphertext of the model at s3://BUCKET/PREFIX (no key needed),
+    so that a later mount on this host reads it from local disk."""
+    from .storage import is_url
+    from .storage.prefetch import prefetch as run_prefetch
+    from .storage.s3 import S3Options, S3Store
+    from .units import format_size
+    o = _s3_fields(options)
+    if not is_url(src):
+        raise click.UsageError(f"{src}: prefetch takes an s3://BUCKET/PREFIX URL")
+    if not o["cache_dir"]:
+        raise click.UsageError("--cache-dir is required (where the chunks go)")
+    store = S3Store(src, S3Options(endpoint=o["s3_endpoint"], path_style=o["s3_path_style"],
+                                   region=o["s3_region"], timeout=o["s3_timeout"],
+                                   concurrency=o["s3_concurrency"], readahead=o["s3_readahead"],
+                                   cache_dir=os.path.abspath(o["cache_dir"]),
+                                   cache_dir_size=o["cache_dir_size"]))
+    bar: list[_Progress] = []
+    try:
+        result = run_prefetch(store, progress=lambda n: bar[0](n),
+                              on_total=lambda t: bar.append(_Progress(t, "prefetching")))
+    finally:
+        if bar:
+            bar[0].close()
+    cd = result["cache_dir"]
+    click.echo(f"{store.url}: {result['files']} file(s); fetched {format_size(result['bytes_fetched'])}; "
+               f"cache dir {cd['dir']} holds {format_size(cd['bytes'])} in {cd['chunks']} chunk(s)")
 
 
 @cli.command()

@@ -38,6 +38,35 @@ class MountConfig:
     foreground: bool = False
     metrics: str | None = None     # HOST:PORT of the Prometheus endpoint (ctfs.ops.metrics)
     log_level: str = "info"
+    # SRC = s3://BUCKET/PREFIX (ctfs.storage.s3)
+    s3_endpoint: str | None = None
+    s3_path_style: bool | None = None
+    s3_region: str | None = None
+    s3_timeout: float = 120.0      # a GET failing for this long becomes EIO
+    s3_concurrency: int = 8
+    s3_readahead: int = 64 << 20
+    cache_dir: str | None = None   # ciphertext chunks fetched from object storage
+    cache_dir_size: int = 50 << 30
+
+
+def is_remote(src: str) -> bool:
+    from .storage import is_url
+    return is_url(src)
+
+
+def s3_options(cfg: MountConfig):
+    from .storage.s3 import S3Options
+    return S3Options(endpoint=cfg.s3_endpoint, path_style=cfg.s3_path_style, region=cfg.s3_region,
+                     timeout=cfg.s3_timeout, concurrency=cfg.s3_concurrency,
+                     readahead=cfg.s3_readahead, cache_dir=cfg.cache_dir,
+                     cache_dir_size=cfg.cache_dir_size)
+
+
+def relative_name(path: str, src: str) -> str:
+    """PATH (a path or URL under SRC) relative to SRC, "/"-separated."""
+    if is_remote(src):
+        return path[len(src.rstrip("/")) + 1:] if path.startswith(src.rstrip("/") + "/") else path
+    return os.path.relpath(path, src)
 
 
 def make_nondumpable() -> None:
@@ -76,7 +105,7 @@ def policy_input_for(cfg: MountConfig):
     from .auth.policy import build_input
 
     def make(path: str) -> dict:
-        return build_input(file_name=os.path.relpath(path, cfg.src), mount_path=os.path.abspath(cfg.mountpoint),
+        return build_input(file_name=relative_name(path, cfg.src), mount_path=os.path.abspath(cfg.mountpoint),
                            provider=cfg.provider)
     return make
 
@@ -109,7 +138,9 @@ class Mount:
         from .mount.cache import ChunkCache
         from .auth.providers import get_provider
         self.cfg = cfg
+        from .storage import open_store
         self.provider = get_provider(cfg.provider, **cfg.provider_options)
+        self.store = open_store(cfg.src, s3_options(cfg))
         # A recycled buffer is overwritten by the next chunk's plaintext at once (its unused
         # tail zeroed), so zeroing it first as well would only cost CPU.
         self.cache = ChunkCache(cfg.cache_size, readahead=cfg.readahead,
@@ -142,7 +173,7 @@ class Mount:
         keys = load_keys(self.provider, self.cfg.timeout)
         try:
             if tree is None:
-                tree = MountTree(self.cfg.src, keys, self.cache, allow_plain=self.cfg.allow_plain,
+                tree = MountTree(self.store, keys, self.cache, allow_plain=self.cfg.allow_plain,
                                  allow_unverified_plain=self.cfg.allow_unverified_plain,
                                  source_io=self.cfg.source_io,
                                  access=access_checker(self.cfg.allow_uids, self.cfg.allow_gids),
@@ -176,12 +207,13 @@ class Mount:
             "mountpoint": self.cfg.mountpoint, "source": self.cfg.src, "provider": self.cfg.provider,
             "pid": os.getpid(), "started": self.started, "locked": self.locked,
             "locked_reason": self.locked_reason,
-            "files": sorted(os.path.relpath(cf.path, self.cfg.src) for cf in self.tree.files),
+            "files": sorted(relative_name(cf.path, self.cfg.src) for cf in self.tree.files),
             "key_ids": [{"enc": e, "sign": s} for e, s in self.key_ids],
             "open_handles": self.tree.open_handles(),
             "integrity_failures": self.tree.integrity_failures,
             "cache": self.cache.stats(),
             "fuse": self.kernel_stats() if self.kernel_stats is not None else None,
+            "object_store": self.store.stats() if hasattr(self.store, "stats") else None,
         }
 
     def start_recheck(self) -> None:
@@ -238,8 +270,8 @@ def run(cfg: MountConfig, on_ready=None) -> int:
     if cfg.metrics:  # bound now, so a taken port fails the mount before any key is fetched
         from .ops.metrics import MetricsServer
         metrics = MetricsServer(cfg.metrics)
-    notifier.status(f"authorising {count_tensor_files(cfg.src)} file(s) in {cfg.src} "
-                    f"(key provider {cfg.provider})...")
+    count = "the" if is_remote(cfg.src) else count_tensor_files(cfg.src)
+    notifier.status(f"authorising {count} file(s) in {cfg.src} (key provider {cfg.provider})...")
     try:
         m = Mount(cfg)
     except BaseException as e:
@@ -273,7 +305,7 @@ def run(cfg: MountConfig, on_ready=None) -> int:
         rc = mountd.serve(m.tree, cfg.mountpoint, foreground=True, direct_io=cfg.direct_io,
                           fuse_reply=cfg.fuse_reply,
                           allow_other=bool(cfg.allow_uids or cfg.allow_gids),
-                          fsname=f"ctfs:{os.path.abspath(cfg.src)}", on_ready=ready, on_stop=stopped,
+                          fsname=f"ctfs:{cfg.src if is_remote(cfg.src) else os.path.abspath(cfg.src)}", on_ready=ready, on_stop=stopped,
                           on_kernel_stats=lambda fn: setattr(m, "kernel_stats", fn))
         return rc
     finally:

@@ -29,6 +29,10 @@ class ChunkReader(Protocol):
 
     def close(self) -> None: ...
 
+    # optional: ``discard(offset, length) -> bool``: the bytes read at OFFSET failed
+    # authentication; drop any local copy of them and say whether one was dropped (then
+    # the reader reads them once more)
+
 
 class Blob(Protocol):
     name: str   # path or URL, for messages

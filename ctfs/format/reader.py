@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from .header import Header, TensorInfo, canonical_signed_message, read_header_bl
 from .keys import KeySet
 from .policyfield import authorize
 from .signing import verify
+
+log = logging.getLogger("ctfs.format")
 
 # segment kinds
 ENC_CHUNK, ENC_WHOLE, PLAIN_VERIFIED, PLAIN_RAW = range(4)
@@ -242,20 +246,29 @@ class CryptoFile:
         out = memoryview(out)[:n]
         kind = t.kind
         if kind == ENC_CHUNK:
-            buf, at, got = self._source.read(self.data_start + start, n,
-                                             lambda count: self._next_chunks(i, count))
-            try:
-                if got != n:
-                    raise self._truncated(t, idx)
-                with buf[at:at + n + 16] as sealed:
-                    sealed[n:] = t.tags[16 * idx:16 * idx + 16]
-                    try:
-                        aead.open_into(t.cipher, aead.chunk_nonce(t.nonce, idx), sealed, out)
-                    except aead.InvalidTag:
-                        out[:] = bytes(n)
-                        raise self._fail(t, idx, "authentication tag mismatch") from None
-            finally:
-                self._source.release(buf)
+            for attempt in (0, 1):
+                buf, at, got = self._source.read(self.data_start + start, n,
+                                                 lambda count: self._next_chunks(i, count))
+                try:
+                    if got != n:
+                        raise self._truncated(t, idx)
+                    with buf[at:at + n + 16] as sealed:
+                        sealed[n:] = t.tags[16 * idx:16 * idx + 16]
+                        try:
+                            aead.open_into(t.cipher, aead.chunk_nonce(t.nonce, idx), sealed, out)
+                            break
+                        except aead.InvalidTag:
+                            out[:] = bytes(n)
+                finally:
+                    self._source.release(buf)
+                # a reader with a local copy (a cache of fetched ciphertext) drops it; the
+                # bytes are then read once more from where they are stored
+                discard = getattr(self._source, "discard", None)
+                if attempt or discard is None or not discard(self.data_start + start, n):
+                    raise self._fail(t, idx, "authentication tag mismatch")
+                log.warning("%s: tensor %r chunk %d: the cached ciphertext failed its "
+                            "authentication tag; discarded, reading it again", self.path,
+                            t.info.name, idx)
         elif kind == ENC_WHOLE:
             self._read_whole_v1(t, out)
         else:
@@ -390,3 +403,26 @@ class CryptoFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def chunk_ranges(header: Header) -> list[tuple[int, int]]:
+    """File ranges (offset, length) of every encrypted chunk of a file, in file order,
+    exactly as :meth:`CryptoFile.read_segment` reads them; read from the header alone (no
+    keys: what a cache of ciphertext can be filled with before any key is at hand). Empty
+    for plain files and files encrypted whole per tensor (format v1)."""
+    meta = header.metadata or {}
+    if ENCRYPTION not in meta or CRYPTO_KEYS not in meta:
+        return []
+    size = parse_crypto_keys(meta[CRYPTO_KEYS]).chunk_size
+    if not size:
+        return []
+    try:
+        names = json.loads(meta[ENCRYPTION])
+    except ValueError:
+        raise CryptoMetadataError("__encryption__ is not JSON") from None
+    out = []
+    for info in sorted((header.tensors[n] for n in names if n in header.tensors),
+                       key=lambda t: t.start):
+        out.extend((header.data_start + off, min(size, info.end - off))
+                   for off in range(info.start, info.end, size))
+    return out

@@ -18,6 +18,15 @@ override the file (click's parameter source tells given flags from defaults)::
     recheck = "5m"                          # --recheck (provider re-check interval)
     log_level = "info"                      # --log-level
     metrics = "127.0.0.1:9101"              # --metrics
+    # source = "s3://models/llama"           # object storage (ctfs.storage.s3):
+    s3_endpoint = "https://s3.example.net"  # --s3-endpoint
+    s3_path_style = true                    # --s3-path-style / --s3-virtual-hosted
+    s3_region = "us-east-1"                 # --s3-region
+    s3_timeout = "2m"                       # --s3-timeout
+    s3_concurrency = 8                      # --s3-concurrency
+    s3_readahead = "64MiB"                  # --s3-readahead
+    cache_dir = "/var/cache/ctfs/llama"     # --cache-dir (ciphertext only)
+    cache_dir_size = "50GiB"                # --cache-dir-size
 
     [provider]                              # --key-provider and its options
     name = "systemd-creds"
@@ -192,8 +201,16 @@ KEYS: dict[str, tuple[str, str, Callable]] = {
     "recheck": ("recheck", "recheck", _duration),
     "log_level": ("log_level", "log_level", _one_of(LOG_LEVELS)),
     "metrics": ("metrics", "metrics", _metrics),
+    "s3_endpoint": ("s3_endpoint", "s3_endpoint", _path),
+    "s3_path_style": ("s3_path_style", "s3_path_style", _bool),
+    "s3_region": ("s3_region", "s3_region", _path),
+    "s3_timeout": ("s3_timeout", "s3_timeout", _duration),
+    "s3_concurrency": ("s3_concurrency", "s3_concurrency", _nonneg_int),
+    "s3_readahead": ("s3_readahead", "s3_readahead", _size),
+    "cache_dir": ("cache_dir", "cache_dir", _path),
+    "cache_dir_size": ("cache_dir_size", "cache_dir_size", _size),
 }
-PATH_KEYS = ("source", "mountpoint")
+PATH_KEYS = ("source", "mountpoint", "cache_dir")
 
 
 @dataclass
@@ -223,7 +240,7 @@ def provider_option_names(name: str) -> set[str] | None:
 
 
 def _relative_to(base: str, value):
-    if isinstance(value, str) and value and not os.path.isabs(value):
+    if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
         return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
     return value
 

@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 
+from ..units import format_size
 from ..errors import CtfsError
 from ..mount.mountinfo import abs_mountpoint, find_mount
 
@@ -369,12 +370,7 @@ class ControlServer:
 
 
 # --- human output ---------------------------------------------------------------------
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+_size = format_size
 
 
 def format_status(st: dict) -> str:
@@ -411,6 +407,20 @@ def format_status(st: dict) -> str:
         lines.append(f"replies     {k.get('direct_replies', 0)} written from the chunk cache"
                      + (f"; direct replies off: {off}" if off else
                         "" if k.get("fuse_reply") == "direct" else "; copying (--fuse-reply copy)"))
+    o = st.get("object_store")
+    if o:
+        lines.append(f"s3          {o.get('requests', 0)} request(s), {o.get('retries', 0)} retried, "
+                     f"{o.get('failures', 0)} failed, {o.get('changed', 0)} changed object(s); "
+                     f"{_size(o.get('bytes_fetched', 0))} fetched, "
+                     f"{_size(o.get('throughput_bps', 0.0))}/s over the last 5s")
+        d = o.get("cache_dir")
+        if d:
+            lines.append(f"cache dir   {d.get('dir')}: {_size(d.get('bytes', 0))} of "
+                         f"{_size(d.get('limit', 0))} in {d.get('chunks', 0)} chunk(s); "
+                         f"{d.get('hits', 0)} hits, {d.get('misses', 0)} misses, "
+                         f"{_size(d.get('bytes_read', 0))} read, {_size(d.get('bytes_written', 0))} "
+                         f"written, {d.get('evictions', 0)} evictions, "
+                         f"{d.get('discarded', 0)} discarded (failed their tag)")
     return "\n".join(lines)
 
 

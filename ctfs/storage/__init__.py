@@ -12,10 +12,15 @@ import os
 
 from .base import Entry, Store
 from .local import LocalStore
+from .s3 import is_url
 
-__all__ = ["Entry", "Store", "LocalStore", "open_store"]
+__all__ = ["Entry", "Store", "LocalStore", "open_store", "is_url"]
 
 
-def open_store(src: str | os.PathLike) -> Store:
-    """The store SRC names (a local directory)."""
+def open_store(src: str | os.PathLike, s3=None) -> Store:
+    """The store SRC names: ``s3://BUCKET/PREFIX`` (options S3, a
+    :class:`ctfs.storage.s3.S3Options`) or a local directory."""
+    if is_url(src):
+        from .s3 import S3Store
+        return S3Store(src, s3)
     return LocalStore(src)
