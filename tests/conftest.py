@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks.seaweed / benchmarks.netproxy serve tests too
+    sys.path.insert(0, str(ROOT))
 VECTORS = ROOT / "format" / "vectors" / "reference"
 
 
@@ -35,3 +38,5 @@ def jwk_pair(keyset):
 
 # The OpenBao fixtures live here so every module shares one session server.
 from openbao import openbao_factory, openbao_server  # noqa: E402,F401
+# ... and one SeaweedFS server
+from s3fixtures import seaweed  # noqa: E402,F401
