@@ -104,6 +104,22 @@ def goals(results: dict) -> list[dict]:
         if a is not None and b is not None:
             add(f"transformers {S['frameworks'].get('model')}: mount / local plaintext, both truly cold", _ratio(a, b),
                 "<=", 1.3, f"{round(a, 3)} s vs {round(b, 3)} s")
+    s3 = S.get("s3", {}).get("profiles", {})
+    s3_rows = [("loopback", "ctfs_s3 / rclone_crypt", ">=", 2.5), ("loopback", "ctfs_s3 / s3fs", ">=", 1.2),
+               ("loopback", "ctfs_s3 / runai_best", ">=", 0.9),
+               ("loopback", "ctfs_s3_cached / ctfs_local", ">=", 0.9),
+               ("wan", "ctfs_s3 / raw_gets", ">=", 0.8), ("wan", "ctfs_s3 / rclone_crypt", ">=", 3.0)]
+    for profile, key, op, target in s3_rows:
+        pr = s3.get(profile, {}).get("pairs", {}).get(key)
+        if not pr:
+            continue
+        sp = s3[profile]["read_gbps"]
+        a, b = key.split(" / ")
+        detail = (f"median of {len(pr['runs'])} interleaved runs, per run "
+                  f"{pr['min'] if pr['min'] is None else round(pr['min'], 2)}–"
+                  f"{pr['max'] if pr['max'] is None else round(pr['max'], 2)}×; medians "
+                  f"{_r(med(sp.get(a)))} vs {_r(med(sp.get(b)) if b in sp else None)} GB/s")
+        add(f"s3 {profile}: {key}", pr["median"], op, target, detail)
     peaks = [(size, med(sec.get("variants", {}).get("ctfs_encrypt", {}).get("peak_rss")))
              for size, sec in S.get("serialise", {}).items()]
     peaks = [(s, p) for s, p in peaks if p is not None]
@@ -174,6 +190,33 @@ def _page_reporting(pr) -> str:
             "costs host page faults, so figures are noisier (`--hold-page-reporting` holds it off).")
 
 
+def _r(x, nd=2):
+    return None if x is None else round(x, nd)
+
+
+def _s3_table(sec) -> list[str]:
+    L = ["## Object storage (S3, SeaweedFS on this host)", "",
+         f"One {fmt_bytes(sec.get('file_bytes'))} file read start to end (1 MiB reads) by every "
+         f"method in turn, per run; server {sec.get('server')}. CPU: the daemon's (mounts) or the "
+         f"process's (in-process loaders) CPU-seconds per GB, and the server's.", ""]
+    for profile, r in sec.get("profiles", {}).items():
+        L += [f"### {profile} ({r.get('network')}), {r.get('runs')} runs", "",
+              "| method | GB/s median (min–max) | client CPU-s/GB | server CPU-s/GB |", "|---|---|---|---|"]
+        for name, f in r["read_gbps"].items():
+            c, sv = r["client_cpu_s_per_gb"].get(name, {}), r["server_cpu_s_per_gb"].get(name, {})
+            gb = "–" if f.get("median") is None else f"{f['median']:.2f} ({f['min']:.2f}–{f['max']:.2f})"
+            L.append(f"| {name} | {gb} | {_r(c.get('median'))} | {_r(sv.get('median'))} |")
+        L += ["", "| ratio (per run) | median (min–max) |", "|---|---|"]
+        for k, f in r.get("pairs", {}).items():
+            L.append(f"| {k} | {_fmt_spread(f)} |")
+        L.append("")
+    for k, why in sec.get("skipped", {}).items():
+        L.append(f"* {k}: skipped: {why}")
+    for e in sec.get("errors", []):
+        L.append(f"* error: {e}")
+    return L + [""]
+
+
 def markdown(results: dict) -> str:
     M = results["machine"]
     S = results["sections"]
@@ -220,6 +263,8 @@ def markdown(results: dict) -> str:
         L += _err(S["fs"]) or _fs_table(S["fs"])
     if "frameworks" in S:
         L += _err(S["frameworks"]) or _fw_table(S["frameworks"])
+    if "s3" in S:
+        L += _err(S["s3"]) or _s3_table(S["s3"])
     P = results.get("paper_comparison", [])
     if P:
         L += ["## Overheads next to the paper's", "", "| comparison | ours | paper |", "|---|---|---|"]

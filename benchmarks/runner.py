@@ -16,7 +16,7 @@ from . import mounts
 from .models import GB, QWEN3, Model, make_qwen3, relabel
 from .util import REPO, PageReportingHold, Workers, can_drop_caches, child_env, log
 
-SECTIONS = ("serialise", "load", "fs", "frameworks")
+SECTIONS = ("serialise", "load", "fs", "frameworks", "s3")
 MiB = 1 << 20
 
 
@@ -76,8 +76,8 @@ def parse_args(argv=None):
         ap.error(f"unknown --frameworks-size {o.frameworks_size!r}")
     if o.out:
         o.out = os.path.abspath(o.out)
-    elif not o.quick:
-        o.out = os.path.join(REPO, "benchmarks", "results")
+    elif not o.quick:  # a run of the object-storage section alone has its own results
+        o.out = os.path.join(REPO, "benchmarks", "results", *(["s3"] if o.only == ["s3"] else []))
     return o  # --quick without --out: main() makes a temporary directory
 
 
@@ -211,6 +211,11 @@ def main(argv=None) -> int:
             log(f"== fs: {opts.fs_size} bytes")
             _section(results, "fs", None, lambda: fs.run(ctx, opts.fs_size))
             shutil.rmtree(os.path.join(workdir, "fs"), ignore_errors=True)
+        if "s3" in opts.only:
+            from . import s3
+            log(f"== s3: {opts.fs_size} bytes")
+            _section(results, "s3", None, lambda: s3.run(ctx, opts.fs_size))
+            shutil.rmtree(os.path.join(workdir, "s3"), ignore_errors=True)
         for size in opts.sizes:
             need_fw = "frameworks" in opts.only and size == opts.frameworks_size
             if not ({"serialise", "load"} & set(opts.only) or need_fw):

@@ -175,6 +175,8 @@ class Client:
         from obstore.store import S3Store
         self.bucket, self.opts, self.url = bucket, opts, url
         self.stats = Stats()
+        # botocore says where it found credentials at INFO, on every start: not our log's business
+        logging.getLogger("botocore").setLevel(max(logging.WARNING, logging.getLogger("botocore").level))
         creds = opts.credentials or {}
         session = boto3.Session(aws_access_key_id=creds.get("key_id"),
                                 aws_secret_access_key=creds.get("secret"),
@@ -408,7 +410,8 @@ class S3Blob:
     MiB are fetched once and kept: config and tokenizer files); chunk reads go through
     :class:`S3Chunks`."""
 
-    SMALL = 4 << 20
+    SMALL = 4 << 20   # objects fetched whole on their first read
+    RECENT = 1 << 20  # small reads kept (the last four), for a header read twice
 
     def __init__(self, store: S3Store, path: str, meta: dict):
         self.store, self.path = store, path
@@ -419,6 +422,7 @@ class S3Blob:
         self.version = meta.get("version")
         self.tag = object_tag(store.bucket, self.key, self.etag)
         self._whole = None
+        self._recent: list[tuple[int, bytes]] = []
         self._lock = threading.Lock()
 
     def get(self, start: int, end: int):
@@ -429,13 +433,21 @@ class S3Blob:
         n = max(0, min(len(buf), self.size - offset))
         if n == 0:
             return 0
-        if self.size <= self.SMALL:
+        with self._lock:
+            if self.size <= self.SMALL and self._whole is None:
+                self._whole = self.get(0, self.size)
+            if self._whole is not None:
+                buf[:n] = memoryview(self._whole)[offset:offset + n]
+                return n
+            for (start, data) in self._recent:  # the header, read again by the next layer
+                if start <= offset and offset + n <= start + len(data):
+                    buf[:n] = memoryview(data)[offset - start:offset - start + n]
+                    return n
+        data = self.get(offset, offset + n)
+        buf[:n] = memoryview(data)
+        if n <= self.RECENT:
             with self._lock:
-                if self._whole is None:
-                    self._whole = self.get(0, self.size)
-            buf[:n] = memoryview(self._whole)[offset:offset + n]
-        else:
-            buf[:n] = memoryview(self.get(offset, offset + n))
+                self._recent = [(offset, data), *self._recent[:3]]
         return n
 
     def chunk_reader(self, max_length: int, extra: int) -> "S3Chunks":
@@ -443,6 +455,7 @@ class S3Blob:
 
     def close(self) -> None:
         self._whole = None
+        self._recent = []
 
 
 class S3Chunks:
