@@ -259,12 +259,19 @@ class Client:
                          deadline=time.monotonic() + min(self.opts.timeout, 60))
 
     def get(self, key: str, start: int, end: int, etag: str, version: str | None, what: str):
-        """Bytes [start, end) of KEY at ETAG, exactly. A body cut short is resumed where it
-        broke (the next try asks for the rest only), so a flaky link still makes progress."""
+        """Bytes [start, end) of KEY at ETAG, in a new bytearray."""
+        out = bytearray(end - start)
+        self.get_into(key, start, [memoryview(out)], etag, version, what)
+        return out
+
+    def get_into(self, key: str, start: int, targets: list, etag: str, version: str | None,
+                 what: str) -> None:
+        """Fill TARGETS (buffers, one after another) with the bytes of KEY at ETAG from START,
+        exactly. A body cut short is resumed where it broke (the next try asks for the rest
+        only), so a flaky link still makes progress."""
         import obstore
-        n = end - start
-        out = bytearray(n)
-        view = memoryview(out)
+        n = sum(len(t) for t in targets)
+        end = start + n
         got = 0
 
         def run():
@@ -273,18 +280,29 @@ class Client:
             if version:
                 opts["version"] = version
             r = obstore.get(self.store, key, options=opts)
-            for piece in r.stream(min_chunk_size=1 << 20):
-                k = len(piece)
+            # where byte `got` goes: target i at position `at`
+            i, at = 0, got
+            while at >= len(targets[i]):
+                at -= len(targets[i])
+                i += 1
+            for piece in r.stream(min_chunk_size=256 << 10):
+                src, k = memoryview(piece), len(piece)
                 if got + k > n:
                     raise ConnectionError("the server sent more than the range")
-                view[got:got + k] = memoryview(piece)
+                done = 0
+                while done < k:
+                    t = targets[i]
+                    m = min(k - done, len(t) - at)
+                    t[at:at + m] = src[done:done + m]
+                    done += m
+                    at += m
+                    if at == len(t) and i + 1 < len(targets):
+                        i, at = i + 1, 0
                 got += k
             if got != n:
                 raise ConnectionError(f"short body: {got} of {n} bytes")
-            return out
-        data = self.call(f"{what}: GET bytes={start}-{end - 1}", run)
+        self.call(f"{what}: GET bytes={start}-{end - 1}", run)
         self.stats.fetched(n)
-        return data
 
 
 _io_pool: ThreadPoolExecutor | None = None
@@ -428,6 +446,9 @@ class S3Blob:
     def get(self, start: int, end: int):
         return self.store.client.get(self.key, start, end, self.etag, self.version, self.name)
 
+    def get_into(self, start: int, targets: list) -> None:
+        self.store.client.get_into(self.key, start, targets, self.etag, self.version, self.name)
+
     def pread_into(self, buf, offset: int) -> int:
         buf = memoryview(buf).cast("B")
         n = max(0, min(len(buf), self.size - offset))
@@ -472,6 +493,8 @@ class S3Chunks:
         self._pending: dict[int, tuple[object, int, int]] = {}  # offset -> (future, start, length)
         self._front: int | None = None
         self._window = 2 * self.opts.request_size
+        # buffers kept for reuse: a full window of chunks in flight, and a few being decrypted
+        self._keep = (self.opts.readahead + 2 * self.opts.request_size) // max(max_length, 1) + 8
         self.ahead_hits = self.waits = 0
 
     # --- buffers ---------------------------------------------------------------------
@@ -483,12 +506,12 @@ class S3Chunks:
 
     def release(self, buf: memoryview) -> None:
         with self._lock:
-            if len(self._free) < 16:
+            if len(self._free) < self._keep:
                 self._free.append(buf)
 
     def reserve(self, count: int) -> None:
         with self._lock:
-            while len(self._free) < min(count, 16):
+            while len(self._free) < min(count, self._keep):
                 self._free.append(memoryview(bytearray(self._size)))
 
     # --- reads -----------------------------------------------------------------------
@@ -501,26 +524,27 @@ class S3Chunks:
             front = self._front
             sequential = front is not None and -(self._window + self.opts.request_size) <= offset - front <= 4096
             self._front = max(front, offset + length) if sequential else offset + length
+        buf = None
+        if pending is not None and pending[2] == length:
+            fut = pending[0]
+            if not fut.done():
+                self.waits += 1
+                self._grow()
+            buf = fut.result()[offset]  # its own retries ran: an error here is final
+            self.ahead_hits += 1
+        if sequential and ahead is not None:
+            self._read_ahead(ahead((self._window + self.opts.request_size) // max(length, 1)))
+        if buf is not None:
+            return buf, 0, length
         buf = self._buffer()
         try:
-            if pending is not None and pending[2] == length:
-                fut, start, _ = pending
-                if not fut.done():
-                    self.waits += 1
-                    self._grow()
-                data = fut.result()  # its own retries ran; an error here is final
-                buf[:length] = memoryview(data)[offset - start:offset - start + length]
-                self.ahead_hits += 1
-            elif self.cache is None or not self.cache.get(self.blob.tag, offset, length, buf):
-                data = self.blob.get(offset, offset + length)
-                buf[:length] = memoryview(data)
+            if self.cache is None or not self.cache.get(self.blob.tag, offset, length, buf):
+                self.blob.get_into(offset, [buf[:length]])
                 if self.cache is not None:
-                    self.cache.put(self.blob.tag, offset, data)
+                    self.cache.put(self.blob.tag, offset, buf[:length])
         except BaseException:
             self.release(buf)
             raise
-        if sequential and ahead is not None:
-            self._read_ahead(ahead(max(1, self._window // max(length, 1))))
         return buf, 0, length
 
     def discard(self, offset: int, length: int) -> bool:
@@ -533,18 +557,18 @@ class S3Chunks:
             self._window = min(self.opts.readahead, self._window * 2)
 
     def _read_ahead(self, ranges) -> None:
-        todo = []
+        """Fetch the not yet fetched of RANGES (the next chunks, in order) in whole requests
+        of ``request_size``; a last, smaller one only where RANGES reach the end (fewer than
+        asked for). So a sequential reader keeps the window full with large GETs."""
+        asked = (self._window + self.opts.request_size) // max(self.max_length, 1)
         with self._lock:
-            for off, n in ranges:
-                if off in self._pending or n > self.max_length:
-                    continue
-                todo.append((off, n))
+            todo = [(o, n) for o, n in ranges if o not in self._pending and n <= self.max_length]
             # too many pending: the oldest were not wanted after all (the reader jumped)
-            while len(self._pending) > 2 * max(1, self.opts.readahead // max(self.max_length, 1)):
+            while len(self._pending) > 2 * max(1, (self.opts.readahead + self.opts.request_size)
+                                               // max(self.max_length, 1)):
                 self._pending.pop(next(iter(self._pending)))
         if self.cache is not None:
             todo = [(o, n) for o, n in todo if (self.blob.tag, o, n) not in self.cache]
-        # coalesce contiguous chunks into requests of up to request_size
         groups: list[list[tuple[int, int]]] = []
         for off, n in todo:
             g = groups[-1] if groups else None
@@ -552,21 +576,30 @@ class S3Chunks:
                 g.append((off, n))
             else:
                 groups.append([(off, n)])
+        at_end = len(ranges) < asked
         pool = _io_threads(self.opts.concurrency)
-        for g in groups:
-            start, end = g[0][0], g[-1][0] + g[-1][1]
-            fut = pool.submit(self._fetch_group, start, end, g)
+        for j, g in enumerate(groups):
+            size = g[-1][0] + g[-1][1] - g[0][0]
+            last = j == len(groups) - 1
+            if last and not at_end and size + self.max_length <= self.opts.request_size:
+                break  # not a whole request yet: the next read tops it up
+            bufs = {off: self._buffer() for off, _ in g}
+            fut = pool.submit(self._fetch_group, g, bufs)
             with self._lock:
                 for off, n in g:
-                    self._pending[off] = (fut, start, n)
+                    self._pending[off] = (fut, g[0][0], n)
 
-    def _fetch_group(self, start: int, end: int, group):
-        data = self.blob.get(start, end)
+    def _fetch_group(self, group, bufs):
+        try:
+            self.blob.get_into(group[0][0], [bufs[off][:n] for off, n in group])
+        except BaseException:
+            for b in bufs.values():
+                self.release(b)
+            raise
         if self.cache is not None:
-            view = memoryview(data)
             for off, n in group:
-                self.cache.put(self.blob.tag, off, view[off - start:off - start + n])
-        return data
+                self.cache.put(self.blob.tag, off, bufs[off][:n])
+        return bufs
 
     def close(self) -> None:
         with self._lock:
