@@ -117,8 +117,8 @@ def goals(results: dict) -> list[dict]:
         a, b = key.split(" / ")
         detail = (f"median of {len(pr['runs'])} interleaved runs, per run "
                   f"{pr['min'] if pr['min'] is None else round(pr['min'], 2)}–"
-                  f"{pr['max'] if pr['max'] is None else round(pr['max'], 2)}×; medians "
-                  f"{_r(med(sp.get(a)))} vs {_r(med(sp.get(b)) if b in sp else None)} GB/s")
+                  f"{pr['max'] if pr['max'] is None else round(pr['max'], 2)}×"
+                  + (f"; medians {_r(med(sp.get(a)))} vs {_r(med(sp.get(b)))} GB/s" if b in sp else ""))
         add(f"s3 {profile}: {key}", pr["median"], op, target, detail)
     peaks = [(size, med(sec.get("variants", {}).get("ctfs_encrypt", {}).get("peak_rss")))
              for size, sec in S.get("serialise", {}).items()]

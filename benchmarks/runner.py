@@ -16,7 +16,9 @@ from . import mounts
 from .models import GB, QWEN3, Model, make_qwen3, relabel
 from .util import REPO, PageReportingHold, Workers, can_drop_caches, child_env, log
 
-SECTIONS = ("serialise", "load", "fs", "frameworks", "s3")
+SECTIONS = ("serialise", "load", "fs", "frameworks")  # a run without --only
+#: object storage: its own server, peers and results directory (``--only s3``)
+EXTRA_SECTIONS = ("s3",)
 MiB = 1 << 20
 
 
@@ -40,7 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure (min/median reported; default 3)")
     ap.add_argument("--fs-repeat", type=int, help="runs per filesystem figure, i.e. ctfs/gocryptfs pairs "
                     "(default: --repeat, at least 10 unless --quick; those runs are short and the noisiest)")
-    ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
+    ap.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS + EXTRA_SECTIONS)
+                    + " (default: all but s3, which has its own results in benchmarks/results/s3)")
     ap.add_argument("--workdir", help="parent of the temporary work directory (default /var/tmp)")
     ap.add_argument("--out", help="results directory (default benchmarks/results; with --quick a new "
                     "temporary directory, so a quick run never overwrites the committed results)")
@@ -63,8 +66,8 @@ def parse_args(argv=None):
             ap.error(f"unknown size {s!r} (known: {', '.join(QWEN3)})")
     o.only = [s.strip() for s in (o.only or ",".join(SECTIONS)).split(",") if s.strip()]
     for s in o.only:
-        if s not in SECTIONS:
-            ap.error(f"unknown section {s!r} (known: {', '.join(SECTIONS)})")
+        if s not in SECTIONS + EXTRA_SECTIONS:
+            ap.error(f"unknown section {s!r} (known: {', '.join(SECTIONS + EXTRA_SECTIONS)})")
     if o.repeat < 1:
         ap.error("--repeat must be >= 1")
     if o.fs_repeat is not None and o.fs_repeat < 1:

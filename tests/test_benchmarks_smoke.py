@@ -271,3 +271,33 @@ def test_hold_page_reporting_option():
     from benchmarks.runner import parse_args
     assert parse_args([]).hold_page_reporting is False
     assert parse_args(["--hold-page-reporting"]).hold_page_reporting is True
+
+
+@pytest.mark.slow
+def test_quick_s3_benchmark_run(tmp_path):
+    """``python -m benchmarks --quick --only s3``: every method against one SeaweedFS server,
+    both network profiles, per-run ratios and goals; tensorizer honestly skipped where it
+    is not installed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "results"
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "s3", "--out", str(out),
+                        "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=540)
+    assert p.returncode == 0, f"benchmarks failed ({p.returncode}):\n{p.stderr[-6000:]}"
+    res = json.loads((out / "results.json").read_text())
+    assert not res["errors"], res["errors"]
+    sec = res["sections"]["s3"]
+    assert "errors" not in sec, sec.get("errors")
+    want = {"ctfs_s3", "ctfs_s3_cached", "ctfs_local", "rclone_crypt", "s3fs", "runai_c4", "runai_c8",
+            "raw_gets"}
+    for profile in ("loopback", "wan"):
+        r = sec["profiles"][profile]
+        assert set(r["read_gbps"]) == want, r["read_gbps"].keys()
+        for name, f in r["read_gbps"].items():
+            assert len(f["runs"]) == 3 and all(x > 0 for x in f["runs"]), (profile, name, f)
+            assert r["client_cpu_s_per_gb"][name]["median"] > 0
+        assert r["pairs"]["ctfs_s3 / rclone_crypt"]["median"] > 0
+    assert set(sec["skipped"]) <= {"tensorizer"}
+    goals = {g["goal"] for g in res["goals"]}
+    assert "s3 loopback: ctfs_s3 / rclone_crypt" in goals and "s3 wan: ctfs_s3 / raw_gets" in goals
+    assert "## Object storage" in (out / "results.md").read_text()

@@ -160,6 +160,39 @@ def test_example_config_parses(monkeypatch):
     assert fc.values["fuse_reply"] == "auto"
 
 
+def test_s3_example_config_and_drop_in(tmp_path, monkeypatch):
+    import pwd
+
+    from ctfs.ops.config import load
+    real = pwd.getpwnam
+    monkeypatch.setattr(pwd, "getpwnam",
+                        lambda n: pwd.struct_passwd(("vllm", "x", 990, 990, "", "/", "/bin/false"))
+                        if n == "vllm" else real(n))
+    fc = load(str(UNITS / "s3-vault-example.toml"))
+    assert fc.values["src"] == "s3://models/llama-8b" and fc.provider == "vault"
+    assert fc.values["cache_dir"] == "/var/cache/ctfs/llama" and fc.values["s3_path_style"] is True
+    assert fc.values["s3_timeout"] == 120 and fc.values["cache_dir_size"] == 50 << 30
+    drop = UNITS / "ctfs-s3.conf"
+    # S3 credentials come in as a systemd credential file, never on a command line
+    assert directive(drop, "LoadCredential") == ["aws-credentials:/etc/ctfs/aws-credentials"]
+    assert directive(drop, "Environment") == ["AWS_SHARED_CREDENTIALS_FILE=%d/aws-credentials"]
+    assert directive(drop, "CacheDirectory") == ["ctfs/%i"]
+    assert not [k for _, k, v in unit_entries(drop) if k.startswith("Exec")]
+    analyze = shutil.which("systemd-analyze")
+    assert analyze
+    d = tmp_path / "units"
+    (d / "ctfs@llama.service.d").mkdir(parents=True)
+    wrapper = tmp_path / "ctfs"
+    wrapper.write_text("#!/bin/sh\nexit 0\n")
+    wrapper.chmod(0o755)
+    (d / "ctfs@.service").write_text(UNIT.read_text().replace(INSTALLED_CTFS, str(wrapper)))
+    (d / "ctfs@llama.service.d" / "s3.conf").write_text(drop.read_text())
+    p = subprocess.run([analyze, "verify", "--man=no", "ctfs@llama.service"], cwd=d,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert not [ln for ln in p.stderr.splitlines() if "s3.conf" in ln or "ctfs@" in ln], p.stderr
+
+
 # --- sd_notify -------------------------------------------------------------------------
 @pytest.mark.parametrize("abstract", [False, True])
 def test_notifier_sends_datagrams_and_leaves_the_environment(tmp_path, abstract):
