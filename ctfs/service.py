@@ -43,8 +43,8 @@ class MountConfig:
     s3_path_style: bool | None = None
     s3_region: str | None = None
     s3_timeout: float = 120.0      # a GET failing for this long becomes EIO
-    s3_concurrency: int = 8
-    s3_readahead: int = 64 << 20
+    s3_concurrency: int = 16
+    s3_readahead: int = 128 << 20
     cache_dir: str | None = None   # ciphertext chunks fetched from object storage
     cache_dir_size: int = 50 << 30
 

@@ -137,13 +137,22 @@ _pools: dict[int, _Pool] = {}
 _pools_lock = threading.Lock()
 
 
-def _shared_pool(size: int) -> _Pool:
+def _shared_pool(size: int, keep: int = 0) -> _Pool:
     """One pool per buffer size for the whole process: a model of many shards keeps a few
-    buffers in all, not a few per file."""
+    buffers in all, not a few per file. KEEP: buffers a caller wants kept for reuse."""
     with _pools_lock:
         if size not in _pools:
             _pools[size] = _Pool(size, keep=8 + 2 * READ_AHEAD)
-        return _pools[size]
+        pool = _pools[size]
+        pool._keep = max(pool._keep, keep)
+        return pool
+
+
+def shared_pool(length: int, extra: int = 0, keep: int = 0) -> _Pool:
+    """The process-wide pool of page-aligned, huge-page-backed buffers that take LENGTH bytes
+    with EXTRA bytes of room after them (``get``/``put``/``reserve``), keeping at least KEEP
+    for reuse: object-storage chunk reads use it too (fresh memory is dear on a VM)."""
+    return _shared_pool(buffer_size(length, extra), keep)
 
 
 #: direct reads a sequential reader keeps in flight ahead of itself, per file
