@@ -156,7 +156,7 @@ def test_server_stopped_mid_load_gives_eio_then_recovers(big, tmp_path):
         env = s3_env(server)
         log = tmp_path / "daemon.log"
         args = [url, tmp_path / "mnt", "--key-file", big["key_file"], "--s3-timeout", "3s",
-                "--cache-size", "4MiB", "--readahead", "0"]
+                "--cache-size", "4MiB", "--readahead", "0", "--s3-readahead", "4MiB"]
         with foreground_daemon(args, log, env=env):
             view = tmp_path / "mnt" / "model.safetensors"
             with open(view, "rb") as f:
@@ -244,3 +244,25 @@ def test_vllm_generates_same_tokens_from_an_s3_mount(vllm_python, lm, seaweed, t
                  env=s3_env(seaweed)) as mnt:
         got = vllm_generate(vllm_python, mnt, tmp_path / "mnt.json")
     assert got == want
+
+
+def test_metrics_show_object_storage_and_cache_dir(big, seaweed, tmp_path):
+    import socket
+
+    from mounting import scrape_metrics
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = s3_env(seaweed)
+    with mounted(big["url"], tmp_path / "mnt", big["key_file"], "--cache-dir", tmp_path / "cd",
+                 "--metrics", f"127.0.0.1:{port}", env=env) as m:
+        check_load_file(str(m / "model.safetensors"), big["plain"] / "model.safetensors")
+        st = status(m)["object_store"]
+        got = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
+    assert got["ctfs_s3_bytes_fetched_total"] == st["bytes_fetched"] >= 24 << 20
+    assert got["ctfs_s3_requests_total"] == st["requests"] > 0
+    assert got["ctfs_s3_failures_total"] == 0 and got["ctfs_s3_changed_objects_total"] == 0
+    assert got["ctfs_cache_dir_bytes_written_total"] == st["cache_dir"]["bytes_written"] >= 24 << 20
+    assert got["ctfs_cache_dir_limit_bytes"] == 50 << 30
+    assert 2 <= got["ctfs_s3_in_flight_limit"] <= 16
+    assert "ctfs_s3_throughput_bytes_per_second" in got

@@ -9,7 +9,10 @@ the reason) and requests are served only once the mount is ready.
 Exposed (all prefixed ``ctfs_``): ``up``, ``mount_info{mountpoint,source,provider}``,
 ``start_time_seconds``, ``files``, ``locked``, ``open_handles``, ``cache_bytes``,
 ``cache_held_bytes``, ``cache_capacity_bytes``, ``cache_chunks``, ``cache_hit_ratio``,
-``cache_hits_total``, ``cache_misses_total``, ``cache_evictions_total``,
+``cache_hits_total``, ``cache_misses_total``, ``cache_evictions_total``, for an ``s3://``
+source ``s3_requests_total``, ``s3_retries_total``, ``s3_failures_total``,
+``s3_changed_objects_total``, ``s3_bytes_fetched_total``, ``s3_throughput_bytes_per_second``,
+``s3_in_flight_limit`` and the ``cache_dir_*`` figures of ``--cache-dir``,
 ``bytes_decrypted_total``, ``decrypt_seconds_total``, ``readahead_issued_total``,
 ``readahead_hits_total``, ``readahead_dropped_total``, ``integrity_failures_total``, and
 once the mount serves ``fuse_read_requests_total``, ``fuse_direct_replies_total``,
@@ -98,6 +101,31 @@ def _families(status: dict):
         yield counter("fuse_read_requests", "FUSE read requests served.", fuse.get("read_requests", 0))
         yield counter("fuse_direct_replies", "FUSE read replies written to /dev/fuse straight "
                       "from the chunk cache.", fuse.get("direct_replies", 0))
+    o = status.get("object_store")
+    if o:  # SRC is s3://...
+        yield counter("s3_requests", "GET/HEAD/LIST attempts sent to the object store.", o.get("requests", 0))
+        yield counter("s3_retries", "Attempts that failed and were retried (5xx, 429, resets, timeouts, "
+                      "short bodies).", o.get("retries", 0))
+        yield counter("s3_failures", "Requests given up on (EIO to the reader).", o.get("failures", 0))
+        yield counter("s3_changed_objects", "GETs refused because the object changed since the mount "
+                      "(If-Match failed).", o.get("changed", 0))
+        yield counter("s3_bytes_fetched", "Object bytes fetched.", o.get("bytes_fetched", 0))
+        yield gauge("s3_throughput_bytes_per_second", "Bytes fetched per second over the last 5 s.",
+                    o.get("throughput_bps", 0.0))
+        yield gauge("s3_in_flight_limit", "GETs allowed in flight now (adapts to throughput).",
+                    o.get("in_flight_limit", 0))
+        d = o.get("cache_dir")
+        if d:
+            yield gauge("cache_dir_bytes", "Ciphertext chunks held in the cache dir.", d.get("bytes", 0))
+            yield gauge("cache_dir_limit_bytes", "Bound of the cache dir.", d.get("limit", 0))
+            yield gauge("cache_dir_chunks", "Chunks in the cache dir.", d.get("chunks", 0))
+            yield counter("cache_dir_hits", "Chunk reads served from the cache dir.", d.get("hits", 0))
+            yield counter("cache_dir_misses", "Chunk reads the cache dir did not hold.", d.get("misses", 0))
+            yield counter("cache_dir_bytes_read", "Bytes read from the cache dir.", d.get("bytes_read", 0))
+            yield counter("cache_dir_bytes_written", "Bytes written to the cache dir.", d.get("bytes_written", 0))
+            yield counter("cache_dir_evictions", "Chunks deleted to stay within the bound.", d.get("evictions", 0))
+            yield counter("cache_dir_discarded", "Cached chunks deleted because they failed their "
+                          "AEAD tag.", d.get("discarded", 0))
         yield gauge("fuse_max_read_request_bytes", "Largest FUSE read request so far (1 MiB when "
                     "the kernel tuning took effect).", fuse.get("max_read_request", 0))
         if fuse.get("read_ahead_kb") is not None:

@@ -549,7 +549,7 @@ class S3Chunks:
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[object, int, int]] = {}  # offset -> (future, start, length)
         self._front: int | None = None
-        self._window = 2 * self.opts.request_size
+        self._window = min(self.opts.readahead, 2 * self.opts.request_size)
         # buffers kept for reuse: a full window of chunks in flight, and a few being decrypted
         keep = (self.opts.readahead + 2 * self.opts.request_size) // max(max_length, 1) + 8
         self._pool = shared_pool(max_length, extra, keep)
