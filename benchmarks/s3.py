@@ -36,7 +36,7 @@ import time
 import psutil
 
 from .models import make_blob
-from .mounts import Mount, _LIVE
+from .mounts import Mount, cleanup_all
 from .netproxy import NetProxy
 from .seaweed import KEY_ID, REGION, SECRET, SeaweedFS
 from .util import GB, MiB, Samples, child_env, fig, fmt_bytes, log, seq_read
@@ -342,8 +342,7 @@ def run(ctx, size: int) -> dict:
                 "pairs": _pairs(speed)}
         result["server_peak_rss"] = server.rss()
     finally:
-        for m in list(_LIVE.values()):
-            m.unmount()
+        cleanup_all()
         server.stop()
     return result
 

@@ -18,7 +18,8 @@ from benchmarks.netproxy import NetProxy
 from benchmarks.seaweed import SeaweedFS
 from mounting import ctfs, foreground_daemon, is_mounted, mounted
 from s3fixtures import make_big, make_lm, s3_env, upload
-from test_frameworks import LM_INPUT_IDS, check_load_file, lm_logits, vllm_generate, VLLM_PROMPTS
+from test_frameworks import LM_INPUT_IDS, VLLM_PROMPTS, check_load_file, lm_logits, vllm_generate
+from test_frameworks import vllm_python  # noqa: F401 (the fixture)
 
 
 LOAD = """

@@ -101,6 +101,11 @@ def _families(status: dict):
         yield counter("fuse_read_requests", "FUSE read requests served.", fuse.get("read_requests", 0))
         yield counter("fuse_direct_replies", "FUSE read replies written to /dev/fuse straight "
                       "from the chunk cache.", fuse.get("direct_replies", 0))
+        yield gauge("fuse_max_read_request_bytes", "Largest FUSE read request so far (1 MiB when "
+                    "the kernel tuning took effect).", fuse.get("max_read_request", 0))
+        if fuse.get("read_ahead_kb") is not None:
+            yield gauge("fuse_read_ahead_bytes", "The mount's kernel read-ahead window.",
+                        fuse["read_ahead_kb"] * 1024)
     o = status.get("object_store")
     if o:  # SRC is s3://...
         yield counter("s3_requests", "GET/HEAD/LIST attempts sent to the object store.", o.get("requests", 0))
@@ -126,11 +131,6 @@ def _families(status: dict):
             yield counter("cache_dir_evictions", "Chunks deleted to stay within the bound.", d.get("evictions", 0))
             yield counter("cache_dir_discarded", "Cached chunks deleted because they failed their "
                           "AEAD tag.", d.get("discarded", 0))
-        yield gauge("fuse_max_read_request_bytes", "Largest FUSE read request so far (1 MiB when "
-                    "the kernel tuning took effect).", fuse.get("max_read_request", 0))
-        if fuse.get("read_ahead_kb") is not None:
-            yield gauge("fuse_read_ahead_bytes", "The mount's kernel read-ahead window.",
-                        fuse["read_ahead_kb"] * 1024)
 
 
 class MountCollector:
