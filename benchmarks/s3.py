@@ -12,7 +12,8 @@ end with 1 MiB reads from a fresh mount or a fresh process):
 * ``s3fs``: s3fs-fuse over the plaintext object (decrypts nothing);
 * ``runai_c4`` / ``runai_c8``: Run:ai model streamer in a fresh process, concurrency 4 / 8,
   every tensor materialised (plaintext);
-* ``raw_gets``: 8 ranged GETs of 8 MiB in flight into memory (obstore): the ceiling;
+* ``raw_gets``: 8 ranged GETs of 8 MiB in flight into memory (obstore,
+  ``benchmarks.s3_clients raw``): the ceiling;
 * ``tensorizer``: its encrypted load, where tensorizer is installed (it is not a test
   dependency; recorded as skipped otherwise).
 
@@ -39,7 +40,7 @@ from .models import make_blob
 from .mounts import Mount, cleanup_all
 from .netproxy import NetProxy
 from .seaweed import KEY_ID, REGION, SECRET, SeaweedFS
-from .util import GB, MiB, Samples, child_env, fig, fmt_bytes, log, seq_read
+from .util import GB, Samples, child_env, fig, fmt_bytes, log, seq_read
 
 NAME = "model.safetensors"
 BUCKET = "bench"
@@ -134,34 +135,6 @@ dt = time.perf_counter() - t
 r = resource.getrusage(resource.RUSAGE_SELF)
 print(n, dt, r.ru_utime + r.ru_stime)
 """
-
-RAW = """
-import sys, time, resource, threading
-from concurrent.futures import ThreadPoolExecutor
-import obstore
-from obstore.store import S3Store
-endpoint, bucket, key, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-req, inflight = 8 << 20, 8
-st = S3Store(bucket, endpoint=endpoint, region="us-east-1", virtual_hosted_style_request=False,
-             client_options={"allow_http": True})
-bufs = [bytearray(req) for _ in range(inflight)]
-lock = threading.Lock()
-def one(off):
-    b = obstore.get_range(st, key, start=off, end=min(off + req, size))
-    with lock:
-        buf = bufs.pop()
-    memoryview(buf)[:len(b)] = memoryview(b)
-    with lock:
-        bufs.append(buf)
-    return len(b)
-t = time.perf_counter()
-with ThreadPoolExecutor(inflight) as ex:
-    n = sum(ex.map(one, range(0, size, req)))
-dt = time.perf_counter() - t
-r = resource.getrusage(resource.RUSAGE_SELF)
-print(n, dt, r.ru_utime + r.ru_stime)
-"""
-
 
 def _have_runai() -> bool:
     try:
@@ -280,8 +253,8 @@ def methods(ctx, p, endpoint) -> dict:
 
     def proc(code, args, env):
         def run():
-            r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                               env=env, timeout=900)
+            cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "benchmarks.s3_clients", "raw"]
+            r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=900)
             if r.returncode:
                 raise RuntimeError(r.stderr[-2000:])
             n, dt, cpu = r.stdout.split()[-3:]
@@ -293,7 +266,7 @@ def methods(ctx, p, endpoint) -> dict:
                                       _env({"AWS_ENDPOINT_URL": endpoint,
                                             "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
                                             "RUNAI_STREAMER_CONCURRENCY": str(c)}))
-    out["raw_gets"] = proc(RAW, [endpoint, BUCKET, f"plain/{NAME}", str(size)], _env())
+    out["raw_gets"] = proc(None, [endpoint, BUCKET, f"plain/{NAME}", str(size)], _env())
     return out
 
 

@@ -27,16 +27,16 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _obstore(endpoint, size, req, inflight):
+def _obstore(endpoint, size, req, inflight, bucket="clients", key="blob"):
     import obstore
     from obstore.store import S3Store
-    st = S3Store("clients", endpoint=endpoint, access_key_id=KEY_ID, secret_access_key=SECRET,
+    st = S3Store(bucket, endpoint=endpoint, access_key_id=KEY_ID, secret_access_key=SECRET,
                  region=REGION, virtual_hosted_style_request=False,
                  client_options={"allow_http": True}, retry_config={"max_retries": 0})
     bufs, lock = [bytearray(req) for _ in range(inflight)], threading.Lock()
 
     def one(off):
-        b = obstore.get_range(st, "blob", start=off, end=min(off + req, size))
+        b = obstore.get_range(st, key, start=off, end=min(off + req, size))
         with lock:
             buf = bufs.pop()
         memoryview(buf)[:len(b)] = memoryview(b)
@@ -73,8 +73,20 @@ def _boto3(endpoint, size, req, inflight):
         return sum(ex.map(one, range(0, size, req)))
 
 
+def raw_gets(endpoint: str, bucket: str, key: str, size: int) -> None:
+    """The ``raw_gets`` method of ``--only s3``: 8 GETs of 8 MiB in flight into memory;
+    prints bytes, seconds and this process's CPU-seconds."""
+    t = time.perf_counter()
+    n = _obstore(endpoint, size, 8 << 20, 8, bucket, key)
+    dt = time.perf_counter() - t
+    print(n, dt, _cpu())
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["raw"]:  # raw ENDPOINT BUCKET KEY SIZE
+        raw_gets(argv[1], argv[2], argv[3], int(argv[4]))
+        return 0
     size = int(argv[0] if argv else 1024) << 20
     with tempfile.TemporaryDirectory(prefix="ctfs-s3-clients-") as d:
         server = SeaweedFS(d).start()

@@ -39,4 +39,4 @@ def jwk_pair(keyset):
 # The OpenBao fixtures live here so every module shares one session server.
 from openbao import openbao_factory, openbao_server  # noqa: E402,F401
 # ... and one SeaweedFS server
-from s3fixtures import seaweed  # noqa: E402,F401
+from s3fixtures import big, lm, seaweed  # noqa: E402,F401

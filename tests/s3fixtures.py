@@ -33,6 +33,22 @@ def seaweed(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def big(tmp_path_factory, seaweed):
+    """A 24 MiB one-file model in 2 MiB chunks, uploaded to a fresh prefix."""
+    m = make_big(tmp_path_factory.mktemp("big"))
+    m["url"] = upload(seaweed, m["enc"])
+    return m
+
+
+@pytest.fixture(scope="session")
+def lm(tmp_path_factory, seaweed):
+    """A tiny sharded causal LM in 64 KiB chunks, uploaded to a fresh prefix."""
+    m = make_lm(tmp_path_factory.mktemp("lm"))
+    m["url"] = upload(seaweed, m["enc"])
+    return m
+
+
 def s3_env(server, endpoint: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(server.env)

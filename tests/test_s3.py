@@ -13,12 +13,13 @@ import pytest
 
 from benchmarks.netproxy import NetProxy
 from ctfs.errors import CtfsError
+from ctfs.format.blob import FileBlob
 from ctfs.format.header import read_header_blob
 from ctfs.format.reader import CryptoFile, chunk_ranges
 from ctfs.storage import open_store
 from ctfs.storage.diskcache import DiskCache
 from ctfs.storage.s3 import ObjectChanged, S3Options, S3Store, StoreError
-from s3fixtures import make_big, make_lm, upload
+from s3fixtures import upload
 
 
 def creds(server):
@@ -29,38 +30,23 @@ def opts(server, endpoint=None, **kw):
     return S3Options(endpoint=endpoint or server.endpoint, credentials=creds(server), **kw)
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory, seaweed):
-    m = make_big(tmp_path_factory.mktemp("big"))
-    m["url"] = upload(seaweed, m["enc"])
-    return m
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, seaweed):
-    m = make_lm(tmp_path_factory.mktemp("lm"))
-    m["url"] = upload(seaweed, m["enc"])
-    return m
+def decrypted(source, keys) -> bytes:
+    """Every data byte of a CryptoTensors file (a blob, or a local path), decrypted."""
+    cf = CryptoFile(source if not isinstance(source, os.PathLike) else str(source), keys)
+    try:
+        out = bytearray(cf.data_len)
+        cf.read_into(0, out)
+        return bytes(out)
+    finally:
+        cf.close()
 
 
 def plaintext_of(store, path, keys) -> bytes:
-    cf = CryptoFile(store.open(path), keys)
-    try:
-        out = bytearray(cf.data_len)
-        cf.read_into(0, out)
-        return bytes(out)
-    finally:
-        cf.close()
+    return decrypted(store.open(path), keys)
 
 
 def local_plaintext(path, keys) -> bytes:
-    cf = CryptoFile(str(path), keys)
-    try:
-        out = bytearray(cf.data_len)
-        cf.read_into(0, out)
-        return bytes(out)
-    finally:
-        cf.close()
+    return decrypted(path, keys)
 
 
 def test_walk_lists_the_prefix_like_the_local_directory(lm, seaweed):
@@ -104,10 +90,10 @@ def test_chunk_ranges_from_the_header_match_the_reader(big, lm):
             segs = [(cf.data_start + s, cf.segment_end(i) - s) for i, s in enumerate(cf.segment_starts)]
         finally:
             cf.close()
-        with open(path, "rb") as f:
-            from ctfs.format.blob import FileBlob
-            b = FileBlob(path)
+        b = FileBlob(path)
+        try:
             assert chunk_ranges(read_header_blob(b)) == [r for r in segs if r[1] > 0]
+        finally:
             b.close()
 
 

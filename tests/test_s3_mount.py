@@ -17,7 +17,7 @@ import torch
 from benchmarks.netproxy import NetProxy
 from benchmarks.seaweed import SeaweedFS
 from mounting import ctfs, foreground_daemon, is_mounted, mounted
-from s3fixtures import make_big, make_lm, s3_env, upload
+from s3fixtures import s3_env, upload
 from test_frameworks import LM_INPUT_IDS, VLLM_PROMPTS, check_load_file, lm_logits, vllm_generate
 from test_frameworks import vllm_python  # noqa: F401 (the fixture)
 
@@ -45,20 +45,6 @@ print(h.hexdigest())
 def tensor_digest(path) -> str:
     return subprocess.run([sys.executable, "-c", HASH, str(path)], capture_output=True, text=True,
                           check=True).stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory, seaweed):
-    m = make_lm(tmp_path_factory.mktemp("lm"))
-    m["url"] = upload(seaweed, m["enc"])
-    return m
-
-
-@pytest.fixture(scope="module")
-def big(tmp_path_factory, seaweed):
-    m = make_big(tmp_path_factory.mktemp("big"))
-    m["url"] = upload(seaweed, m["enc"])
-    return m
 
 
 def status(mnt) -> dict:

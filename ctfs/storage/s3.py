@@ -326,7 +326,6 @@ class Client:
         got = 0
 
         def run():
-            nonlocal got
             opts = {"range": (start + got, end), "if_match": etag}
             if version:
                 opts["version"] = version
