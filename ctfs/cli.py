@@ -318,8 +318,8 @@ _S3_OPTIONS = [
 
 
 def _s3_fields(values: dict) -> dict:
-    return {k: values[k] for k in ("s3_endpoint", "s3_path_style", "s3_region", "s3_timeout",
-                                   "s3_concurrency", "s3_readahead", "cache_dir", "cache_dir_size")}
+    from .storage.s3 import SETTINGS
+    return {k: values[k] for k in SETTINGS}
 
 
 def _with_options(options):
@@ -583,11 +583,7 @@ def prefetch(src, **options):
         raise click.UsageError(f"{src}: prefetch takes an s3://BUCKET/PREFIX URL")
     if not o["cache_dir"]:
         raise click.UsageError("--cache-dir is required (where the chunks go)")
-    store = S3Store(src, S3Options(endpoint=o["s3_endpoint"], path_style=o["s3_path_style"],
-                                   region=o["s3_region"], timeout=o["s3_timeout"],
-                                   concurrency=o["s3_concurrency"], readahead=o["s3_readahead"],
-                                   cache_dir=os.path.abspath(o["cache_dir"]),
-                                   cache_dir_size=o["cache_dir_size"]))
+    store = S3Store(src, S3Options.from_settings(**{**o, "cache_dir": os.path.abspath(o["cache_dir"])}))
     bar: list[_Progress] = []
     try:
         result = run_prefetch(store, progress=lambda n: bar[0](n),

@@ -55,11 +55,8 @@ def is_remote(src: str) -> bool:
 
 
 def s3_options(cfg: MountConfig):
-    from .storage.s3 import S3Options
-    return S3Options(endpoint=cfg.s3_endpoint, path_style=cfg.s3_path_style, region=cfg.s3_region,
-                     timeout=cfg.s3_timeout, concurrency=cfg.s3_concurrency,
-                     readahead=cfg.s3_readahead, cache_dir=cfg.cache_dir,
-                     cache_dir_size=cfg.cache_dir_size)
+    from .storage.s3 import SETTINGS, S3Options
+    return S3Options.from_settings(**{k: getattr(cfg, k) for k in SETTINGS})
 
 
 def relative_name(path: str, src: str) -> str:

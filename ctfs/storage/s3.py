@@ -85,6 +85,20 @@ class S3Options:
     # credentials for tests and tools that have them at hand; None: the AWS chain
     credentials: dict | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_settings(cls, s3_endpoint=None, s3_path_style=None, s3_region=None, s3_timeout=120.0,
+                      s3_concurrency=16, s3_readahead=128 << 20, cache_dir=None,
+                      cache_dir_size=50 << 30) -> "S3Options":
+        """From the settings as ``ctfs mount`` and the config files name them (``SETTINGS``)."""
+        return cls(endpoint=s3_endpoint, path_style=s3_path_style, region=s3_region,
+                   timeout=s3_timeout, concurrency=s3_concurrency, readahead=s3_readahead,
+                   cache_dir=cache_dir, cache_dir_size=cache_dir_size)
+
+
+#: the settings of an s3:// source, as the command line and the config files name them
+SETTINGS = ("s3_endpoint", "s3_path_style", "s3_region", "s3_timeout", "s3_concurrency",
+            "s3_readahead", "cache_dir", "cache_dir_size")
+
 
 class Flow:
     """How many GETs may be in flight at once: found by measurement, not configured.
@@ -627,7 +641,8 @@ class S3Chunks:
                 fut = pool.submit(self._load_cached, off, n, self._buffer())
                 with self._lock:
                     self._pending[off] = (fut, off, n)
-            todo = [(o, n) for o, n in todo if (o, n) not in set(cached)]
+            done = set(cached)
+            todo = [r for r in todo if r not in done]
         groups: list[list[tuple[int, int]]] = []
         for off, n in todo:
             g = groups[-1] if groups else None
