@@ -210,6 +210,18 @@ def _s3_table(sec) -> list[str]:
         for k, f in r.get("pairs", {}).items():
             L.append(f"| {k} | {_fmt_spread(f)} |")
         L.append("")
+    tf = sec.get("transformers")
+    if tf:
+        L += [f"### transformers load of {tf['model']} ({fmt_bytes(tf.get('bytes'))}), loopback, "
+              f"{tf.get('runs')} runs", "", f"{tf.get('what')}.", "",
+              "| method | seconds median (min–max) |", "|---|---|"]
+        for name, f in tf["time_s"].items():
+            L.append(f"| {name} | " + ("–" if f.get("median") is None else
+                                       f"{f['median']:.2f} ({f['min']:.2f}–{f['max']:.2f})") + " |")
+        L += ["", "| ratio of times (per run) | median (min–max) |", "|---|---|"]
+        for k, f in tf.get("ratios", {}).items():
+            L.append(f"| {k} | {_fmt_spread(f)} |")
+        L.append("")
     for k, why in sec.get("skipped", {}).items():
         L.append(f"* {k}: skipped: {why}")
     for e in sec.get("errors", []):

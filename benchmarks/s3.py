@@ -17,6 +17,12 @@ end with 1 MiB reads from a fresh mount or a fresh process):
 * ``tensorizer``: its encrypted load, where tensorizer is installed (it is not a test
   dependency; recorded as skipped otherwise).
 
+**Transformers load** (loopback only): ``AutoModelForCausalLM.from_pretrained`` (bf16, every
+parameter touched) of a synthetic Qwen3 model (0.6B; ``--quick``: tiny) in a fresh
+process, from ``ctfs_s3`` and ``ctfs_s3_cached`` mounts, ``rclone_crypt`` and ``s3fs``
+mounts of the same model, and the plaintext directory on local disk (page cache warm: the
+ceiling), interleaved, ``--repeat`` runs.
+
 Profiles: ``loopback`` (straight to the server) and ``wan`` (every method through
 :class:`benchmarks.netproxy.NetProxy` with a time to first byte of 20 ms per request and
 100 MB/s per connection). Methods run interleaved (each run: every method once, in turn),
@@ -36,7 +42,7 @@ import time
 
 import psutil
 
-from .models import make_blob
+from .models import make_blob, make_qwen3
 from .mounts import Mount, cleanup_all
 from .netproxy import NetProxy
 from .seaweed import KEY_ID, REGION, SECRET, SeaweedFS
@@ -167,6 +173,14 @@ def prepare(ctx, size: int) -> dict:
     server.upload_dir(enc_dir, BUCKET, "ctfs")
     out = {"dir": d, "server": server, "plain": os.path.join(plain_dir, NAME), "enc": enc_dir,
            "bytes": nbytes, "file_bytes": os.path.getsize(os.path.join(plain_dir, NAME))}
+    size_name = "tiny" if ctx.opts.quick else "0.6B"
+    log(f"s3: a synthetic Qwen3-{size_name} for the transformers load, plain and ctfs, uploaded")
+    model = make_qwen3(size_name, os.path.join(d, "qwen-plain"))
+    subprocess.run([sys.executable, "-m", "ctfs.cli", "encrypt", model.path, os.path.join(d, "qwen-ctfs"),
+                    "--key-file", ctx.key_file, "--quiet", "--force"], check=True, env=ctx.env)
+    server.upload_dir(model.path, BUCKET, "qwen-plain")
+    server.upload_dir(os.path.join(d, "qwen-ctfs"), BUCKET, "qwen-ctfs")
+    out.update(model=model, model_size=size_name, model_cache_dir=os.path.join(d, "cache-dir-qwen"))
     if shutil.which("rclone"):
         conf = os.path.join(d, "rclone.conf")
         ob = lambda s: subprocess.run(["rclone", "obscure", s], capture_output=True, text=True,
@@ -177,16 +191,62 @@ def prepare(ctx, size: int) -> dict:
                     f"force_path_style = true\n\n[crypt]\ntype = crypt\nremote = sw:{BUCKET}/rclone\n"
                     f"filename_encryption = off\ndirectory_name_encryption = false\n"
                     f"password = {ob('ctfs-bench-1')}\npassword2 = {ob('ctfs-bench-2')}\n")
-        subprocess.run(["rclone", "--config", conf, "copy", out["plain"], "crypt:",
-                        "--s3-upload-concurrency", "4", "--s3-chunk-size", "64M"],
-                       check=True, env=_rclone_env(), capture_output=True, timeout=900)
+        for src, dst in ((out["plain"], "crypt:"), (model.path, "crypt:qwen")):
+            subprocess.run(["rclone", "--config", conf, "copy", src, dst,
+                            "--s3-upload-concurrency", "4", "--s3-chunk-size", "64M"],
+                           check=True, env=_rclone_env(), capture_output=True, timeout=900)
         out["rclone_conf"] = conf
     out["cache_dir"] = os.path.join(d, "cache-dir")
     log("s3: ctfs prefetch into the cache dir (for the warm-cache figure)")
-    subprocess.run([sys.executable, "-m", "ctfs.cli", "prefetch", f"s3://{BUCKET}/ctfs", "--cache-dir",
-                    out["cache_dir"], "--s3-endpoint", server.endpoint], check=True, env=_env(),
-                   capture_output=True, timeout=900)
+    for prefix, cd in (("ctfs", out["cache_dir"]), ("qwen-ctfs", out["model_cache_dir"])):
+        subprocess.run([sys.executable, "-m", "ctfs.cli", "prefetch", f"s3://{BUCKET}/{prefix}", "--cache-dir",
+                        cd, "--s3-endpoint", server.endpoint], check=True, env=_env(),
+                       capture_output=True, timeout=900)
     return out
+
+
+def loads(ctx, p) -> dict:
+    """Transformers loads of the same model through each method, interleaved (loopback)."""
+    from .util import warm
+    d, endpoint = p["dir"], p["server"].endpoint
+    model = p["model"]
+    mounts = {
+        "ctfs_s3": S3CtfsMount(f"s3://{BUCKET}/qwen-ctfs", os.path.join(d, "mnt-q-ctfs"), ctx.key_file, endpoint),
+        "ctfs_s3_cached": S3CtfsMount(f"s3://{BUCKET}/qwen-ctfs", os.path.join(d, "mnt-q-ctfs-c"), ctx.key_file,
+                                      endpoint, ["--cache-dir", p["model_cache_dir"]]),
+    }
+    if "rclone_conf" in p:
+        mnt = os.path.join(d, "mnt-q-rclone")
+        mounts["rclone_crypt"] = ProcMount(mnt, ["rclone", "--config", p["rclone_conf"], "mount", "crypt:qwen", mnt,
+                                                 "--read-only", "--vfs-cache-mode", "off"], _rclone_env(), "rclone")
+    if shutil.which("s3fs"):
+        mnt = os.path.join(d, "mnt-q-s3fs")
+        mounts["s3fs"] = ProcMount(mnt, ["s3fs", f"{BUCKET}:/qwen-plain", mnt, "-f", "-o",
+                                         f"url={endpoint},use_path_request_style,"
+                                         f"passwd_file={os.path.join(d, 's3fs.passwd')},ro"], _env(), "s3fs")
+    secs = Samples()
+    for rep in range(ctx.repeat):
+        for name in ["plain_local", *mounts]:
+            if name == "plain_local":
+                warm(model.path)
+                r = ctx.workers.run("transformers", {"model": model.path}, "tf")
+            else:
+                m = mounts[name]
+                m.mount()
+                try:
+                    r = ctx.workers.run("transformers", {"model": m.mnt}, "tf")
+                finally:
+                    m.unmount()
+            secs.add(name, r.data["seconds"])
+        log(f"s3 transformers Qwen3-{p['model_size']} run {rep + 1}/{ctx.repeat}: "
+            + ", ".join(f"{k} {v[-1]:.2f}" for k, v in secs.items()) + " s")
+    ratios = {f"{a} / {b}": fig([x / y for x, y in zip(secs[a], secs[b])])
+              for a, b in (("ctfs_s3", "plain_local"), ("ctfs_s3_cached", "plain_local"),
+                           ("rclone_crypt", "ctfs_s3"), ("s3fs", "ctfs_s3")) if a in secs and b in secs}
+    return {"model": f"Qwen3-{p['model_size']}", "bytes": model.nbytes, "runs": ctx.repeat,
+            "what": "AutoModelForCausalLM.from_pretrained(dir, dtype=bfloat16) + touch every parameter, "
+                    "fresh process, fresh mount",
+            "time_s": secs.figures(), "ratios": ratios}
 
 
 def _rclone_env() -> dict:
@@ -313,6 +373,8 @@ def run(ctx, size: int) -> dict:
                 "server_cpu_s_per_gb": srv.figures(), "runs": reps,
                 "network": WAN if profile == "wan" else "loopback, server and client share the CPUs",
                 "pairs": _pairs(speed)}
+        log("s3: transformers loads (loopback)")
+        result["transformers"] = loads(ctx, p)
         result["server_peak_rss"] = server.rss()
     finally:
         cleanup_all()

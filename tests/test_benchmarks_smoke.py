@@ -297,6 +297,10 @@ def test_quick_s3_benchmark_run(tmp_path):
             assert len(f["runs"]) == 3 and all(x > 0 for x in f["runs"]), (profile, name, f)
             assert r["client_cpu_s_per_gb"][name]["median"] > 0
         assert r["pairs"]["ctfs_s3 / rclone_crypt"]["median"] > 0
+    tf = sec["transformers"]
+    assert set(tf["time_s"]) == {"plain_local", "ctfs_s3", "ctfs_s3_cached", "rclone_crypt", "s3fs"}
+    assert all(len(f["runs"]) == 3 and f["min"] > 0 for f in tf["time_s"].values()), tf
+    assert tf["ratios"]["ctfs_s3 / plain_local"]["median"] > 0
     assert set(sec["skipped"]) <= {"tensorizer"}
     goals = {g["goal"] for g in res["goals"]}
     assert "s3 loopback: ctfs_s3 / rclone_crypt" in goals and "s3 wan: ctfs_s3 / raw_gets" in goals
