@@ -34,7 +34,7 @@ import random
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timezone
 
@@ -555,13 +555,17 @@ class S3Chunks:
     """Chunk reads of one object: from the cache dir, from a GET already under way for a
     sequential reader, or a GET of just that chunk; see the module for readahead."""
 
+    STALE = 10.0  # seconds a chunk fetched ahead waits to be read before it is given up
+
     def __init__(self, blob: S3Blob, max_length: int, extra: int):
         self.blob, self.max_length = blob, max_length
         self.opts = blob.store.opts
         self.cache = blob.store.cache
         self._lock = threading.Lock()
-        self._pending: dict[int, tuple[object, int, int]] = {}  # offset -> (future, start, length)
+        # offset -> (future, start of its GET, length, its buffer, when asked for)
+        self._pending: dict[int, tuple[object, int, int, memoryview, float]] = {}
         self._front: int | None = None
+        self._served: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._window = min(self.opts.readahead, 2 * self.opts.request_size)
         # buffers kept for reuse: a full window of chunks in flight, and a few being decrypted
         keep = (self.opts.readahead + 2 * self.opts.request_size) // max(max_length, 1) + 8
@@ -586,7 +590,8 @@ class S3Chunks:
         with self._lock:
             pending = self._pending.pop(offset, None)
             front = self._front
-            sequential = front is not None and -(self._window + self.opts.request_size) <= offset - front <= 4096
+            # a little behind the front still counts (the kernel has several reads in flight)
+            sequential = front is not None and -self.opts.request_size <= offset - front <= 4096
             self._front = max(front, offset + length) if sequential else offset + length
         buf = None
         if pending is not None and pending[2] != length:
@@ -596,8 +601,16 @@ class S3Chunks:
             if not fut.done():
                 self.waits += 1
                 self._grow()
-            buf = fut.result()[offset]  # its own retries ran: an error here is final
-            self.ahead_hits += 1
+            try:
+                buf = fut.result()[offset]  # its own retries ran: an error here is final
+                self.ahead_hits += 1
+            except CancelledError:  # dropped by a jump meanwhile: read it here
+                self.release(pending[3])
+                buf = None
+        with self._lock:  # served: never fetched ahead again (the chunk cache has it now)
+            self._served[offset] = None
+            if len(self._served) > 4096:
+                self._served.popitem(last=False)
         if sequential and ahead is not None:
             self._read_ahead(ahead((self._window + self.opts.request_size) // max(length, 1)))
         if buf is not None:
@@ -627,20 +640,29 @@ class S3Chunks:
         of ``request_size``; a last, smaller one only where RANGES reach the end (fewer than
         asked for). So a sequential reader keeps the window full with large GETs."""
         asked = (self._window + self.opts.request_size) // max(self.max_length, 1)
+        cap = 2 * max(1, (self.opts.readahead + self.opts.request_size) // max(self.max_length, 1))
+        now = time.monotonic()
         with self._lock:
-            todo = [(o, n) for o, n in ranges if o not in self._pending and n <= self.max_length]
-            # too many pending: the oldest were not wanted after all (the reader jumped)
-            while len(self._pending) > 2 * max(1, (self.opts.readahead + self.opts.request_size)
-                                               // max(self.max_length, 1)):
-                off = next(iter(self._pending))
-                self._drop(off, self._pending.pop(off))
+            # chunks fetched ahead and not read for STALE seconds were not wanted after all
+            # (a reader that left that stream); the others stay until read, however many
+            # streams interleave (a model loader reading several tensors at once): dropping
+            # them would only fetch them again
+            stale = [off for off, e in self._pending.items() if now - e[4] > self.STALE]
+            dropped = [(off, self._pending.pop(off)) for off in stale]
+            room = cap - len(self._pending)
+            todo = [(o, n) for o, n in ranges
+                    if o not in self._pending and o not in self._served and n <= self.max_length]
+            todo = todo[:max(0, room)]  # back-pressure: no more in flight than the cap
+        for off, e in dropped:
+            self._drop(off, e)
         pool = _io_threads(self.opts.concurrency)
         if self.cache is not None:  # cached chunks are read ahead from the cache dir
             cached = [(o, n) for o, n in todo if (self.blob.tag, o, n) in self.cache]
             for off, n in cached[:max(1, self._window // max(self.max_length, 1))]:
-                fut = pool.submit(self._load_cached, off, n, self._buffer())
+                buf = self._buffer()
+                fut = pool.submit(self._load_cached, off, n, buf)
                 with self._lock:
-                    self._pending[off] = (fut, off, n)
+                    self._pending[off] = (fut, off, n, buf, now)
             done = set(cached)
             todo = [r for r in todo if r not in done]
         groups: list[list[tuple[int, int]]] = []
@@ -660,7 +682,7 @@ class S3Chunks:
             fut = pool.submit(self._fetch_group, g, bufs)
             with self._lock:
                 for off, n in g:
-                    self._pending[off] = (fut, g[0][0], n)
+                    self._pending[off] = (fut, g[0][0], n, bufs[off], now)
 
     def _load_cached(self, off: int, n: int, buf):
         try:
@@ -684,12 +706,18 @@ class S3Chunks:
         return bufs
 
     def _drop(self, off: int, entry) -> None:
-        """A chunk fetched ahead that no read will take: its buffer goes back to the pool
-        once its fetch is over."""
-        def give_back(fut):
-            if not fut.cancelled() and fut.exception() is None:
-                self.release(fut.result()[off])
-        entry[0].add_done_callback(give_back)
+        """A chunk fetched ahead that no read will take: its fetch is cancelled if it has not
+        started, and its buffer goes back to the pool (once the fetch is over, if it has)."""
+        fut, buf = entry[0], entry[3]
+
+        def give_back(f):
+            if f.cancelled() or f.exception() is not None:
+                if f.cancelled():
+                    self.release(buf)
+                return
+            self.release(buf)
+        fut.cancel()
+        fut.add_done_callback(give_back)
 
     def close(self) -> None:
         with self._lock:
