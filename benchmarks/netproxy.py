@@ -130,6 +130,11 @@ class NetProxy:
         async def stop():
             self._server.close()
             self._cut_all()
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:  # the connection handlers: ended here, not destroyed pending
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         try:
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
         except Exception:  # noqa: BLE001

@@ -562,6 +562,7 @@ class S3Chunks:
         self.opts = blob.store.opts
         self.cache = blob.store.cache
         self._lock = threading.Lock()
+        self._plan_lock = threading.Lock()
         # offset -> (future, start of its GET, length, its buffer, when asked for)
         self._pending: dict[int, tuple[object, int, int, memoryview, float]] = {}
         self._front: int | None = None
@@ -638,7 +639,13 @@ class S3Chunks:
     def _read_ahead(self, ranges) -> None:
         """Fetch the not yet fetched of RANGES (the next chunks, in order) in whole requests
         of ``request_size``; a last, smaller one only where RANGES reach the end (fewer than
-        asked for). So a sequential reader keeps the window full with large GETs."""
+        asked for). So a sequential reader keeps the window full with large GETs. One
+        planner at a time (the chunk cache's readahead and the FUSE threads both read), so
+        no chunk is asked for twice."""
+        with self._plan_lock:
+            self._plan(ranges)
+
+    def _plan(self, ranges) -> None:
         asked = (self._window + self.opts.request_size) // max(self.max_length, 1)
         cap = 2 * max(1, (self.opts.readahead + self.opts.request_size) // max(self.max_length, 1))
         now = time.monotonic()
