@@ -68,7 +68,8 @@ class Mount:
     kind = "?"
 
     def __init__(self, src: str, mnt: str):
-        self.src, self.mnt = os.path.abspath(src), os.path.abspath(mnt)
+        self.src = src if "://" in str(src) else os.path.abspath(src)  # s3://... as it is
+        self.mnt = os.path.abspath(mnt)
         self.daemon: psutil.Process | None = None
 
     # subclasses: _mount(), _unmount()
@@ -124,20 +125,21 @@ class Mount:
 class CtfsMount(Mount):
     kind = "ctfs"
 
-    def __init__(self, src, mnt, key_file, extra=()):
+    def __init__(self, src, mnt, key_file, extra=(), env=None):
         super().__init__(src, mnt)
         self.key_file, self.extra = key_file, list(extra)
+        self.env = env  # None: child_env() (an s3:// source needs its credentials here)
 
     def _mount(self):
         p = subprocess.run([sys.executable, "-m", "ctfs.cli", "mount", self.src, self.mnt,
                             "--key-file", self.key_file, "--log-level", "warning", *self.extra],
-                           capture_output=True, text=True, env=child_env(), timeout=120)
+                           capture_output=True, text=True, env=self.env or child_env(), timeout=120)
         if p.returncode:
             raise RuntimeError(f"ctfs mount failed ({p.returncode}): {p.stderr[-2000:]}")
 
     def _unmount(self):
         subprocess.run([sys.executable, "-m", "ctfs.cli", "umount", self.mnt], capture_output=True,
-                       env=child_env(), timeout=60)
+                       env=self.env or child_env(), timeout=60)
 
 
 class FloorMount(Mount):

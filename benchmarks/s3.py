@@ -43,7 +43,7 @@ import time
 import psutil
 
 from .models import make_blob, make_qwen3
-from .mounts import Mount, cleanup_all
+from .mounts import CtfsMount, Mount, cleanup_all
 from .netproxy import NetProxy
 from .seaweed import KEY_ID, REGION, SECRET, SeaweedFS
 from .util import GB, Samples, child_env, fig, fmt_bytes, log, seq_read
@@ -53,33 +53,9 @@ BUCKET = "bench"
 WAN = {"ttfb": 0.020, "rate": 100e6}
 
 
-class S3CtfsMount(Mount):
-    kind = "ctfs"
-
-    def __init__(self, url, mnt, key_file, endpoint, extra=()):
-        super().__init__(mnt, mnt)
-        self.url, self.key_file, self.endpoint, self.extra = url, key_file, endpoint, list(extra)
-
-    def _mount(self):
-        p = subprocess.run([sys.executable, "-m", "ctfs.cli", "mount", self.url, self.mnt,
-                            "--key-file", self.key_file, "--s3-endpoint", self.endpoint,
-                            "--log-level", "warning", *self.extra],
-                           capture_output=True, text=True, env=_env(), timeout=300)
-        if p.returncode:
-            raise RuntimeError(f"ctfs mount failed ({p.returncode}): {p.stderr[-2000:]}")
-
-    def _unmount(self):
-        subprocess.run([sys.executable, "-m", "ctfs.cli", "umount", self.mnt], capture_output=True,
-                       env=_env(), timeout=60)
-
-
-class LocalCtfsMount(S3CtfsMount):
-    def _mount(self):
-        p = subprocess.run([sys.executable, "-m", "ctfs.cli", "mount", self.url, self.mnt,
-                            "--key-file", self.key_file, "--log-level", "warning"],
-                           capture_output=True, text=True, env=_env(), timeout=300)
-        if p.returncode:
-            raise RuntimeError(f"ctfs mount failed ({p.returncode}): {p.stderr[-2000:]}")
+def s3_mount(url, mnt, key_file, endpoint, extra=()) -> CtfsMount:
+    """``ctfs mount s3://...`` through ENDPOINT, with the server's credentials."""
+    return CtfsMount(url, mnt, key_file, ["--s3-endpoint", endpoint, *extra], env=_env())
 
 
 class ProcMount(Mount):
@@ -211,8 +187,8 @@ def loads(ctx, p) -> dict:
     d, endpoint = p["dir"], p["server"].endpoint
     model = p["model"]
     mounts = {
-        "ctfs_s3": S3CtfsMount(f"s3://{BUCKET}/qwen-ctfs", os.path.join(d, "mnt-q-ctfs"), ctx.key_file, endpoint),
-        "ctfs_s3_cached": S3CtfsMount(f"s3://{BUCKET}/qwen-ctfs", os.path.join(d, "mnt-q-ctfs-c"), ctx.key_file,
+        "ctfs_s3": s3_mount(f"s3://{BUCKET}/qwen-ctfs", os.path.join(d, "mnt-q-ctfs"), ctx.key_file, endpoint),
+        "ctfs_s3_cached": s3_mount(f"s3://{BUCKET}/qwen-ctfs", os.path.join(d, "mnt-q-ctfs-c"), ctx.key_file,
                                       endpoint, ["--cache-dir", p["model_cache_dir"]]),
     }
     if "rclone_conf" in p:
@@ -283,12 +259,11 @@ def methods(ctx, p, endpoint) -> dict:
                 m.unmount()
         return run
 
-    out["ctfs_s3"] = via_mount(S3CtfsMount(f"s3://{BUCKET}/ctfs", os.path.join(d, "mnt-ctfs"),
+    out["ctfs_s3"] = via_mount(s3_mount(f"s3://{BUCKET}/ctfs", os.path.join(d, "mnt-ctfs"),
                                            ctx.key_file, endpoint))
-    out["ctfs_s3_cached"] = via_mount(S3CtfsMount(f"s3://{BUCKET}/ctfs", os.path.join(d, "mnt-ctfs-c"),
+    out["ctfs_s3_cached"] = via_mount(s3_mount(f"s3://{BUCKET}/ctfs", os.path.join(d, "mnt-ctfs-c"),
                                                   ctx.key_file, endpoint, ["--cache-dir", p["cache_dir"]]))
-    local = LocalCtfsMount(p["enc"], os.path.join(d, "mnt-local"), ctx.key_file, endpoint)
-    local.url = p["enc"]
+    local = CtfsMount(p["enc"], os.path.join(d, "mnt-local"), ctx.key_file)
 
     def local_run():
         from .util import files_under, warm
