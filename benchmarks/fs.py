@@ -15,7 +15,9 @@ Per run and per filesystem:
 The plain file has no "cold" state distinct from truly cold (its page cache is its only
 cache): it gets ``seq_truly_cold``, ``seq_warm``, ``rand_truly_cold``, ``rand_warm``.
 Reads use one reused 1 MiB buffer (``readv``/``preadv``). Throughput in GB/s (1e9 B/s).
-Daemon CPU: user+system seconds of the daemon process during the read, per GB read.
+Daemon CPU: user+system seconds of the daemon process during the read, per GB read; beside
+it the daemon's minor page faults per GB (all its threads) and context switches per GB (its
+live threads).
 
 **Pairs.** Within a run, each step is taken by ctfs and then at once by gocryptfs (then by
 ``fuse_floor``), so every ctfs figure has a gocryptfs figure measured seconds after it on the
@@ -73,6 +75,7 @@ def run(ctx, size: int) -> dict:
     backing["fuse_floor"] = []
     speed, cpu, dpeak = {k: Samples() for k in ("plain", *mounts)}, {k: Samples() for k in mounts}, \
         {k: Samples() for k in mounts}
+    flt, csw = {k: Samples() for k in mounts}, {k: Samples() for k in mounts}
     kinds = ["plain", *mounts]
     try:
         for rep in range(ctx.fs_repeat):
@@ -80,22 +83,32 @@ def run(ctx, size: int) -> dict:
                 _plain(ctx, p["plain"], speed["plain"], rep)
             for step in _steps(ctx):
                 for kind in mounts:  # ctfs, then gocryptfs right after it, then fuse_floor
-                    _fuse_step(ctx, step, mounts[kind], backing[kind], speed[kind], cpu[kind], dpeak[kind])
+                    _fuse_step(ctx, step, mounts[kind], backing[kind], speed[kind], cpu[kind], dpeak[kind],
+                               flt[kind], csw[kind])
             for kind in mounts:
                 mounts[kind].unmount()
                 log(f"fs {kind} run {rep + 1}/{ctx.fs_repeat}: " + _last(speed[kind])
-                    + f"; daemon CPU {_last(cpu[kind], 's/GB')}")
+                    + f"; daemon CPU {_last(cpu[kind], 's/GB')}; minor faults {_last(flt[kind], '/GB')}")
             if rep % 2 == 1:
                 _plain(ctx, p["plain"], speed["plain"], rep)
+        prof = None
+        if getattr(ctx.opts, "profile", False):
+            from . import profile
+            prof = profile.run(ctx, mounts, backing, lambda m: os.path.join(m.mnt, NAME),
+                               lambda step: seq_read if step.startswith("seq") else rand_read)
     finally:
         for m in mounts.values():
             m.unmount()
     out = {"file_bytes": p["file_bytes"], "tensor_bytes": p["bytes"], "unit": "GB/s", "fs": {}}
+    if prof is not None:
+        out["profile"] = prof
     for kind in kinds:
         e = {"read_gbps": speed[kind].figures()}
         if kind in cpu:
             e["daemon_cpu_s_per_gb"] = cpu[kind].figures()
             e["daemon_peak_rss"] = dpeak[kind].figures()
+            e["daemon_minflt_per_gb"] = flt[kind].figures()
+            e["daemon_ctxsw_per_gb"] = csw[kind].figures()
         out["fs"][kind] = e
     if "gocryptfs" in mounts:
         out["pairs"] = {"of": "ctfs / gocryptfs, each step of ctfs followed at once by the same step of gocryptfs",
@@ -133,7 +146,7 @@ def _plain(ctx, path, sp, rep):
     log(f"fs plain run {rep + 1}/{ctx.fs_repeat}: " + _last(sp))
 
 
-def _fuse_step(ctx, step, m, backing, sp, cpu, dpeak) -> None:
+def _fuse_step(ctx, step, m, backing, sp, cpu, dpeak, flt, csw) -> None:
     """One step (name, reader, how fresh) on mount M: remount as the step needs, read, record."""
     name, reader, fresh = step
     if fresh == "truly":
@@ -146,11 +159,13 @@ def _fuse_step(ctx, step, m, backing, sp, cpu, dpeak) -> None:
         m.mount()
     elif m.daemon is None:
         m.mount()
-    c0 = m.cpu_s()
+    c0, k0 = m.cpu_s(), m.counters()
     n, dt = reader(os.path.join(m.mnt, NAME))
-    c = m.cpu_s() - c0
+    c, k1 = m.cpu_s() - c0, m.counters()
     sp.add(name, n / dt / GB)
     cpu.add(name, c / (n / GB))
+    flt.add(name, (k1["minflt"] - k0["minflt"]) / (n / GB))
+    csw.add(name, (k1["ctxsw"] - k0["ctxsw"]) / (n / GB))
     dpeak.add(name, m.peak_rss())
 
 

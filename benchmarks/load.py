@@ -7,7 +7,7 @@ import os
 
 from .models import Model
 from .mounts import CtfsMount
-from .util import Samples, drop_caches, fmt_bytes, log, warm
+from .util import Samples, drop_caches, fig, fmt_bytes, log, warm
 
 LABELS = {
     "st_np": "safetensors numpy load_file, plaintext",
@@ -15,6 +15,7 @@ LABELS = {
     "st_pt": "safetensors torch load_file, plaintext",
     "ref_pt": "reference torch safe_open(config=...) get_tensor, encrypted",
     "ctfs_api": "ctfs.api.load_file (in-process, no mount), encrypted",
+    "tz_enc": "tensorizer TensorDeserializer, encrypted (libsodium), in process",
     "mount_cold": "safetensors torch load_file on a ctfs mount, cold (fresh mount, backing file cached)",
     "mount_truly_cold": "same, truly cold (all caches dropped)",
     "mount_warm": "same, warm (re-read on the same mount)",
@@ -35,6 +36,8 @@ def run(ctx, model: Model, inputs: dict) -> dict:
         "ref_pt": [os.path.join(inputs["ref_pt"], s) for s in shards],
         "ctfs_api": [os.path.join(enc_dir, s) for s in shards],
     }
+    if "tz_enc" in inputs:  # tensorizer installed: its encrypted load is a peer
+        files["tz_enc"] = [inputs["tz_enc"]]
     mfiles = [os.path.join(mnt, s) for s in shards]
     names = list(files) + ["mount"]
     try:
@@ -44,7 +47,8 @@ def run(ctx, model: Model, inputs: dict) -> dict:
                 if name != "mount":
                     warm(files[name])
                     r = ctx.workers.run("load", {"how": name, "files": files[name], "ref_config": ctx.ref_config,
-                                                 "key_file": ctx.key_file}, None if name.endswith("np") else "pt")
+                                                 "key_file": ctx.key_file, "tz_key": inputs.get("tz_key")},
+                                        None if name.endswith("np") else "pt")
                     _record(t_, peak, base, name, r)
                     log(f"load {model.name} {name} run {rep + 1}/{ctx.repeat}: {r.data['seconds']:.3f} s, "
                         f"peak RSS {fmt_bytes(r.peak_rss)}")
@@ -77,8 +81,15 @@ def run(ctx, model: Model, inputs: dict) -> dict:
         if n in dp:
             out[n]["daemon_peak_rss"] = dp[n]
             out[n]["daemon_cpu_s"] = dc[n]
-    return {"model": model.name, "bytes": model.nbytes, "params": model.n_params, "shards": len(shards),
-            "variants": out}
+    res = {"model": model.name, "bytes": model.nbytes, "params": model.n_params, "shards": len(shards),
+           "variants": out}
+    if "tz_enc" in t_:
+        # each run has one tensorizer load and one fresh-mount load: their ratio, per run
+        res["pairs"] = {"of": "tensorizer encrypted load time / ctfs fresh-mount (cold) load time, same run",
+                        "tz_enc_over_mount_cold": fig([a / b for a, b in zip(t_["tz_enc"], t_["mount_cold"])])}
+    else:
+        res["tz_enc"] = {"skipped": "tensorizer not installed (pip install tensorizer)"}
+    return res
 
 
 def _record(t_, peak, base, name, r) -> None:

@@ -63,6 +63,21 @@ def _force_unmount(mnt: str) -> None:
             subprocess.run(cmd, capture_output=True)
 
 
+def proc_counters(pid: int) -> dict:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    out = {"minflt": int(fields[7]), "majflt": int(fields[9]), "ctxsw": 0}
+    for tid in os.listdir(f"/proc/{pid}/task"):  # per thread: summed over the live ones
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        out["ctxsw"] += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return out
+
+
 class Mount:
     """A FUSE mount whose daemon is a separate process (``self.daemon``)."""
     kind = "?"
@@ -110,6 +125,11 @@ class Mount:
         """User + system CPU seconds of the daemon so far."""
         t = self.daemon.cpu_times()
         return t.user + t.system
+
+    def counters(self) -> dict:
+        """The daemon's minor and major faults so far (every thread's, live or ended:
+        /proc/PID/stat) and context switches (summed over its live threads)."""
+        return proc_counters(self.daemon.pid)
 
     def peak_rss(self) -> int | None:
         from .util import vm_hwm

@@ -41,6 +41,11 @@ def _fmt_s(f):
     return f"{f['median']:.3f} ({f['min']:.3f})"
 
 
+def _in_mib(g) -> bool:
+    """A goal whose value is a size in MiB (not a ratio)."""
+    return "(MiB" in g["goal"]
+
+
 def _fmt_x(x):
     return "–" if x is None else f"{x:.2f}×"
 
@@ -66,13 +71,16 @@ def goals(results: dict) -> list[dict]:
     c, g = fs.get("ctfs", {}), fs.get("gocryptfs", {})
     if c and "read_gbps" in g:
         floor = med(fs.get("fuse_floor", {}).get("daemon_cpu_s_per_gb", {}).get("seq_cold"))
+        # targets of issue 18: they must hold on a CPU whose AES-GCM runs at ~3.5 GB/s per core
+        # (AES-NI + PCLMUL, no AVX-512 VAES path), not only on one that decrypts at 17 GB/s
         rows = [("read_gbps", "seq_cold", "fs cold read: ctfs / gocryptfs", ">=", 1.6, "GB/s", 2),
-                ("read_gbps", "seq_truly_cold", "fs truly cold read: ctfs / gocryptfs", ">=", 2.0, "GB/s", 2),
-                ("read_gbps", "seq_warm", "fs warm read: ctfs / gocryptfs", ">=", 0.9, "GB/s", 2),
+                ("read_gbps", "seq_truly_cold", "fs truly cold read: ctfs / gocryptfs", ">=", 1.5, "GB/s", 2),
+                ("read_gbps", "seq_warm", "fs warm read: ctfs / gocryptfs", ">=", 0.95, "GB/s", 2),
+                ("read_gbps", "rand_cold", "fs random 1 MiB reads, cold: ctfs / gocryptfs", ">=", 1.2, "GB/s", 2),
                 ("daemon_cpu_s_per_gb", "seq_cold", "daemon CPU per GB (cold read): ctfs / gocryptfs", "<=",
-                 0.5, "CPU-s/GB", 3),
+                 0.75, "CPU-s/GB", 3),
                 ("daemon_cpu_s_per_gb", "seq_truly_cold", "daemon CPU per GB (truly cold read): ctfs / gocryptfs",
-                 "<=", 0.5, "CPU-s/GB", 3)]
+                 "<=", 0.75, "CPU-s/GB", 3)]
         for metric, mode, label, op, target, unit, nd in rows:
             a, b = med(c[metric].get(mode)), med(g[metric].get(mode))
             if a is None and b is None:
@@ -95,6 +103,13 @@ def goals(results: dict) -> list[dict]:
             t = med(v.get(name, {}).get("time_s"))
             add(f"load {sec.get('model', size)}: speed-up of {label} over the reference's encrypted torch load",
                 _ratio(ref, t), ">=", 5.0, f"{t and round(t, 3)} s vs {ref and round(ref, 3)} s")
+        tz = sec.get("pairs", {}).get("tz_enc_over_mount_cold")
+        if tz and tz.get("min") is not None:
+            a, b = med(v.get("mount_cold", {}).get("time_s")), med(v.get("tz_enc", {}).get("time_s"))
+            add(f"load {sec.get('model', size)}: speed-up of a fresh ctfs mount over tensorizer's encrypted load, "
+                "worst run", tz["min"], ">=", 1.5,
+                f"per run {tz['min']:.2f}–{tz['max']:.2f}×, median {tz['median']:.2f}×; medians "
+                f"{a and round(a, 3)} s vs {b and round(b, 3)} s")
     tf = S.get("frameworks", {}).get("transformers", {}).get("variants", {})
     if tf:
         a, b = med(tf.get("mount_cold", {}).get("time_s")), med(tf.get("plain", {}).get("time_s"))
@@ -103,7 +118,7 @@ def goals(results: dict) -> list[dict]:
         a, b = med(tf.get("mount_truly_cold", {}).get("time_s")), med(tf.get("plain_truly_cold", {}).get("time_s"))
         if a is not None and b is not None:
             add(f"transformers {S['frameworks'].get('model')}: mount / local plaintext, both truly cold", _ratio(a, b),
-                "<=", 1.3, f"{round(a, 3)} s vs {round(b, 3)} s")
+                "<=", 1.15, f"{round(a, 3)} s vs {round(b, 3)} s")
     s3 = S.get("s3", {}).get("profiles", {})
     s3_rows = [("loopback", "ctfs_s3 / rclone_crypt", ">=", 2.5), ("loopback", "ctfs_s3 / s3fs", ">=", 1.2),
                ("loopback", "ctfs_s3 / runai_best", ">=", 0.9),
@@ -250,8 +265,8 @@ def markdown(results: dict) -> str:
     if G:
         L += ["## Goals", "", "| goal | measured | target | result | detail |", "|---|---|---|---|---|"]
         for g in G:
-            val = "–" if g["value"] is None else (f"{g['value']:.0f}" if "MiB" in g["goal"] else _fmt_x(g["value"]))
-            tgt = f"{g['op']} {g['target']:g}" + ("" if "MiB" in g["goal"] else "×")
+            val = "–" if g["value"] is None else (f"{g['value']:.0f}" if _in_mib(g) else _fmt_x(g["value"]))
+            tgt = f"{g['op']} {g['target']:g}" + ("" if _in_mib(g) else "×")
             res = "n/a" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
             L.append(f"| {g['goal']} | {val} | {tgt} | **{res}** | {g['detail']} |")
         L.append("")
@@ -351,6 +366,7 @@ SHORT = {
     "st_np": "safetensors np", "ref_np": "reference np, unencrypted", "ref_enc_np": "reference np, encrypted",
     "st_pt": "safetensors pt", "ref_pt": "reference pt, unencrypted", "ref_enc_pt": "reference pt, encrypted",
     "ctfs_encrypt": "ctfs encrypt", "ctfs_api": "ctfs.api (no mount)", "mount_cold": "ctfs mount, cold",
+    "tz_enc": "tensorizer, encrypted",
     "mount_truly_cold": "ctfs mount, truly cold", "mount_warm": "ctfs mount, warm",
 }
 LOAD_SHORT = {**SHORT, "ref_np": "reference np, encrypted", "ref_pt": "reference pt, encrypted"}
@@ -364,18 +380,21 @@ def _fs_table(sec):
          f"One {sec['file_bytes'] / GB:.2f} GB file, read with a reused 1 MiB buffer; GB/s, median (min). "
          "*cold*: fresh mount, backing file in the host page cache; *truly cold*: all caches dropped; "
          "*warm*: immediate re-read. Daemon CPU: user+system CPU seconds of the daemon per GB read "
-         "(cold sequential read).", "",
-         "| filesystem | " + " | ".join(m.replace("_", " ") for m in FS_MODES) + " | daemon CPU s/GB | daemon peak RSS |",
-         "|---" * (len(FS_MODES) + 3) + "|"]
+         "(cold sequential read), with its minor page faults and context switches per GB.", "",
+         "| filesystem | " + " | ".join(m.replace("_", " ") for m in FS_MODES)
+         + " | daemon CPU s/GB | minor faults /GB | context switches /GB | daemon peak RSS |",
+         "|---" * (len(FS_MODES) + 5) + "|"]
     for kind, e in F.items():
         if "skipped" in e:
-            L.append(f"| {kind} | " + " | ".join("–" for _ in FS_MODES) + f" | – | {e['skipped']} |")
+            L.append(f"| {kind} | " + " | ".join("–" for _ in FS_MODES) + f" | – | – | – | {e['skipped']} |")
             continue
         r = e["read_gbps"]
         cells = [(f"{r[m]['median']:.2f} ({r[m]['min']:.2f})" if m in r and r[m]["median"] is not None else "–")
                  for m in FS_MODES]
         cpu = e.get("daemon_cpu_s_per_gb", {}).get("seq_cold")
+        flt, csw = (med(e.get(k, {}).get("seq_cold")) for k in ("daemon_minflt_per_gb", "daemon_ctxsw_per_gb"))
         L.append(f"| {kind} | " + " | ".join(cells) + f" | {_fmt_s(cpu) if cpu else '–'} | "
+                 f"{'–' if flt is None else f'{flt:,.0f}'} | {'–' if csw is None else f'{csw:,.0f}'} | "
                  f"{fmt_bytes(med(e.get('daemon_peak_rss', {}).get('seq_cold')))} |")
     if "fuse_floor" in F:
         L += ["", "*fuse_floor*: ctfs's FUSE layer serving the same bytes from memory (no decryption, "
@@ -390,7 +409,38 @@ def _fs_table(sec):
             r, c = P["read_gbps"].get(m), P["daemon_cpu_s_per_gb"].get(m)
             if r and r.get("median") is not None:
                 L.append(f"| {m.replace('_', ' ')} | {len(r['runs'])} | {_fmt_spread(r)} | {_fmt_spread(c)} |")
+    prof = sec.get("profile")
+    if prof:
+        L += [""] + _profile_tables(prof)
     return L + [""]
+
+
+def _profile_tables(prof) -> list[str]:
+    if "skipped" in prof:
+        return [f"Profile: skipped ({prof['skipped']})."]
+    L = ["### Where the daemons' CPU goes (profile)", "",
+         f"One more fresh-mount read per filesystem after the pairs, sampled with {prof['method']}. "
+         "CPU-seconds per GB read, by category, then the functions with the most self time.", ""]
+    for step, kinds in prof.get("steps", {}).items():
+        ks = [k for k, v in kinds.items() if v.get("samples")]
+        if not ks:
+            continue
+        cats: list[str] = []
+        for k in ks:
+            cats += [c for c in kinds[k]["categories"] if c not in cats]
+        L += [f"**{step.replace('_', ' ')}** (" + ", ".join(
+                  f"{k} {kinds[k]['read_gbps']:.2f} GB/s" for k in ks) + ")", "",
+              "| category | " + " | ".join(f"{k} CPU-s/GB" for k in ks) + " |",
+              "|---" * (len(ks) + 1) + "|"]
+        for c in cats:
+            L.append(f"| {c} | " + " | ".join(
+                f"{kinds[k]['categories'].get(c, {}).get('cpu_s_per_gb', 0):.3f}" for k in ks) + " |")
+        L.append("| **total** | " + " | ".join(f"**{kinds[k]['cpu_s_per_gb']:.3f}**" for k in ks) + " |")
+        L += [""]
+        for k in ks:
+            L += [f"{k}, top functions: " + "; ".join(
+                f"`{f['function']}` {100 * f['share']:.1f} %" for f in kinds[k]["functions"][:8]), ""]
+    return L
 
 
 def _fmt_spread(f) -> str:
@@ -526,7 +576,7 @@ def print_goals(results: dict, file=sys.stdout) -> None:
         res = "n/a " if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
         if g["value"] is None:
             val = "–"
-        elif "MiB" in g["goal"]:
+        elif _in_mib(g):
             val = f"{g['value']:.0f}"
         else:
             val = f"{g['value']:.2f}×"

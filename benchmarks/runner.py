@@ -55,6 +55,10 @@ def parse_args(argv=None):
     ap.add_argument("--fresh-processes", action="store_true",
                     help="a fresh interpreter per torch/transformers measurement (default: forked from a "
                          "pre-imported zygote; same peak-RSS semantics, saves the import seconds)")
+    ap.add_argument("--profile", action="store_true",
+                    help="fs section: after the pairs, sample each daemon with perf (cpu-clock, call "
+                         "graphs) on a cold sequential and a cold random read: CPU by category and by "
+                         "function, side by side (benchmarks/profile.py; needs perf)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--hold-page-reporting", action="store_true",
                     help="as root in a VM with free page reporting: hold it off for the run and restore it "
@@ -151,7 +155,18 @@ def _prepare_load_inputs(ctx, model: Model, f16: Model, base: str) -> dict:
     ctx.workers.run("save", {"lib": "ref_enc_np", "files": f16.files(), "out": out["ref_np"],
                              "ref_config": ctx.ref_config})
     _ctfs_encrypt(ctx, model, out["ctfs"])
+    if tensorizer_available():
+        log(f"load {model.name}: writing tensorizer's encrypted file")
+        os.makedirs(os.path.join(base, "tz-enc"), exist_ok=True)
+        out["tz_enc"] = os.path.join(base, "tz-enc", "model.tensors")
+        out["tz_key"] = os.path.join(base, "tz-enc", "key")
+        ctx.workers.run("tz_save", {"files": model.files(), "out": out["tz_enc"], "key_out": out["tz_key"]}, "pt")
     return out
+
+
+def tensorizer_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorizer") is not None
 
 
 def _ctfs_encrypt(ctx, model: Model, dst: str) -> None:

@@ -14,8 +14,9 @@ end with 1 MiB reads from a fresh mount or a fresh process):
   every tensor materialised (plaintext);
 * ``raw_gets``: 8 ranged GETs of 8 MiB in flight into memory (obstore,
   ``benchmarks.s3_clients raw``): the ceiling;
-* ``tensorizer``: its encrypted load, where tensorizer is installed (it is not a test
-  dependency; recorded as skipped otherwise).
+* ``tensorizer_enc``: CoreWeave tensorizer's encrypted load of the same tensors (its own
+  file, encrypted with a random key, uploaded beside), through its own S3 reader, in a fresh
+  process, every tensor materialised; where tensorizer is installed (skipped otherwise).
 
 **Transformers load** (loopback only): ``AutoModelForCausalLM.from_pretrained`` (bf16, every
 parameter touched) of a synthetic Qwen3 model (0.6B; ``--quick``: tiny) in a fresh
@@ -118,6 +119,28 @@ r = resource.getrusage(resource.RUSAGE_SELF)
 print(n, dt, r.ru_utime + r.ru_stime)
 """
 
+TENSORIZER = """
+import os, sys, time, resource
+from tensorizer import DecryptionParams, TensorDeserializer
+from tensorizer.stream_io import open_stream
+with open(sys.argv[2], "rb") as f:
+    key = f.read()
+n = 0
+t = time.perf_counter()
+with open_stream(sys.argv[1], "rb", s3_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+                 s3_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"], s3_endpoint=sys.argv[3],
+                 force_http=True) as f:  # the benchmark server speaks plain HTTP
+    d = TensorDeserializer(f, device="cpu", encryption=DecryptionParams.from_key(key))
+    for name, tensor in d.items():
+        n += tensor.numel() * tensor.element_size()
+        tensor.sum()  # materialised
+    d.close()
+dt = time.perf_counter() - t
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(n, dt, r.ru_utime + r.ru_stime)
+"""
+
+
 def _have_runai() -> bool:
     try:
         import runai_model_streamer  # noqa: F401
@@ -172,6 +195,14 @@ def prepare(ctx, size: int) -> dict:
                             "--s3-upload-concurrency", "4", "--s3-chunk-size", "64M"],
                            check=True, env=_rclone_env(), capture_output=True, timeout=900)
         out["rclone_conf"] = conf
+    if _have_tensorizer():
+        log("s3: tensorizer's encrypted copy, uploaded")
+        tz = os.path.join(d, "tz")
+        os.makedirs(tz, exist_ok=True)
+        ctx.workers.run("tz_save", {"files": [out["plain"]], "out": os.path.join(tz, "model.tensors"),
+                                    "key_out": os.path.join(d, "tz.key")}, "pt")
+        server.upload_dir(tz, BUCKET, "tz")
+        out["tz_key"] = os.path.join(d, "tz.key")
     out["cache_dir"] = os.path.join(d, "cache-dir")
     log("s3: ctfs prefetch into the cache dir (for the warm-cache figure)")
     for prefix, cd in (("ctfs", out["cache_dir"]), ("qwen-ctfs", out["model_cache_dir"])):
@@ -301,6 +332,8 @@ def methods(ctx, p, endpoint) -> dict:
                                       _env({"AWS_ENDPOINT_URL": endpoint,
                                             "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
                                             "RUNAI_STREAMER_CONCURRENCY": str(c)}))
+    if "tz_key" in p:  # encrypted in-process peer: tensorizer's own S3 reader + libsodium
+        out["tensorizer_enc"] = proc(TENSORIZER, [f"s3://{BUCKET}/tz/model.tensors", p["tz_key"], endpoint], _env())
     out["raw_gets"] = proc(None, [endpoint, BUCKET, f"plain/{NAME}", str(size)], _env())
     return out
 
@@ -364,7 +397,7 @@ def _pairs(speed: Samples) -> dict:
         ys = speed.get(b, [])
         return fig([x / y if x is not None and y else None for x, y in zip(xs, ys)])
     out = {}
-    for peer in ("rclone_crypt", "s3fs", "raw_gets", "runai_c4", "runai_c8"):
+    for peer in ("rclone_crypt", "s3fs", "raw_gets", "runai_c4", "runai_c8", "tensorizer_enc"):
         if peer in speed:
             out[f"ctfs_s3 / {peer}"] = ratio("ctfs_s3", peer)
     if "runai_c4" in speed and "runai_c8" in speed:

@@ -78,6 +78,26 @@ def task_save(a: dict) -> dict:
     return {"seconds": total, "base_rss": base}
 
 
+def task_tz_save(a: dict) -> dict:
+    """Every tensor of every shard into one encrypted tensorizer file (``a["out"]``), with a
+    random key written to ``a["key_out"]`` (0600)."""
+    from safetensors.torch import load_file
+    from tensorizer import EncryptionParams, TensorSerializer
+    tensors = {}
+    for f in a["files"]:
+        tensors.update(load_file(f))
+    enc = EncryptionParams.random()
+    base = rss()
+    t0 = time.perf_counter()
+    s = TensorSerializer(a["out"], encryption=enc)
+    s.write_state_dict(tensors)
+    s.close()
+    dt = time.perf_counter() - t0
+    with open(os.open(a["key_out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as kf:
+        kf.write(enc.key)
+    return {"seconds": dt, "base_rss": base}
+
+
 def task_ctfs_encrypt(a: dict) -> dict:
     """``ctfs encrypt SRC DST`` through the real CLI entry point, in this process."""
     from ctfs import cli
@@ -121,6 +141,21 @@ def task_load(a: dict) -> dict:
             with cryptotensors.safe_open(f, fw, config=config) as h:
                 return {k: h.get_tensor(k) for k in h.keys()}
         touch = touch_pt if fw == "pt" else touch_np
+    elif how == "tz_enc":
+        # CoreWeave tensorizer's encrypted format, decrypted in process (libsodium):
+        # every tensor materialised on the CPU, as its own loader does for a model.
+        import torch  # noqa: F401
+        from tensorizer import DecryptionParams, TensorDeserializer
+        with open(a["tz_key"], "rb") as kf:
+            key = kf.read()
+
+        def one(f):
+            d = TensorDeserializer(f, device="cpu", encryption=DecryptionParams.from_key(key))
+            try:
+                return {k: d[k] for k in d.keys()}
+            finally:
+                d.close()
+        touch = touch_pt
     elif how == "ctfs_api":
         import torch  # noqa: F401
         import ctfs.api
@@ -181,7 +216,8 @@ def task_cmd(a: dict) -> dict:
     return {"seconds": dt, "rc": rc, "stdout": so[-20000:], "stderr": se[-20000:], "json": js}
 
 
-TASKS = {"cmd": task_cmd, "save": task_save, "ctfs_encrypt": task_ctfs_encrypt, "load": task_load,
+TASKS = {"cmd": task_cmd, "save": task_save, "tz_save": task_tz_save, "ctfs_encrypt": task_ctfs_encrypt,
+         "load": task_load,
          "transformers": task_transformers}
 
 # What a zygote imports before forking measurement children (see serve()).

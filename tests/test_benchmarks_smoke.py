@@ -117,12 +117,21 @@ def test_quick_benchmark_run(tmp_path, hold):
     for name in load:
         assert load[name]["time_s"]["median"] > 0, name
     assert load["mount_cold"]["daemon_peak_rss"]["median"] > 0
+    # tensorizer's encrypted load is a peer (a test/bench dependency), paired per run
+    tz = load["tz_enc"]["time_s"]["runs"]
+    assert len(tz) == 3 and all(t > 0 for t in tz)
+    tzp = res["sections"]["load"]["tiny"]["pairs"]["tz_enc_over_mount_cold"]
+    assert tzp["runs"] == pytest.approx([a / b for a, b in zip(tz, load["mount_cold"]["time_s"]["runs"])])
+    assert any(g["goal"].endswith("over tensorizer's encrypted load, worst run") for g in res["goals"])
     fs = res["sections"]["fs"]["fs"]
     assert sorted(fs) == ["ctfs", "fuse_floor", "gocryptfs", "plain"]
     for kind in ("ctfs", "gocryptfs", "fuse_floor"):
         for mode in ("seq_cold", "seq_warm", "rand_cold", "rand_warm"):
             assert len(fs[kind]["read_gbps"][mode]["runs"]) == 3, (kind, mode)  # --quick: --fs-repeat = --repeat
             assert fs[kind]["read_gbps"][mode]["median"] > 0, (kind, mode)
+        # the daemon's minor faults and context switches per GB, beside its CPU
+        assert fs[kind]["daemon_minflt_per_gb"]["seq_cold"]["median"] > 0, kind
+        assert fs[kind]["daemon_ctxsw_per_gb"]["seq_cold"]["median"] > 0, kind
     # each ctfs step paired with the gocryptfs step right after it: per-pair ratios
     pairs = res["sections"]["fs"]["pairs"]
     for mode in ("seq_cold", "seq_warm", "rand_cold", "rand_warm"):
@@ -276,8 +285,8 @@ def test_hold_page_reporting_option():
 @pytest.mark.slow
 def test_quick_s3_benchmark_run(tmp_path):
     """``python -m benchmarks --quick --only s3``: every method against one SeaweedFS server,
-    both network profiles, per-run ratios and goals; tensorizer honestly skipped where it
-    is not installed."""
+    both network profiles, per-run ratios and goals; tensorizer's encrypted load (a test
+    dependency) among them."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "results"
     p = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "s3", "--out", str(out),
@@ -289,7 +298,7 @@ def test_quick_s3_benchmark_run(tmp_path):
     sec = res["sections"]["s3"]
     assert "errors" not in sec, sec.get("errors")
     want = {"ctfs_s3", "ctfs_s3_cached", "ctfs_local", "rclone_crypt", "s3fs", "runai_c4", "runai_c8",
-            "raw_gets"}
+            "raw_gets", "tensorizer_enc"}
     for profile in ("loopback", "wan"):
         r = sec["profiles"][profile]
         assert set(r["read_gbps"]) == want, r["read_gbps"].keys()
@@ -301,7 +310,8 @@ def test_quick_s3_benchmark_run(tmp_path):
     assert set(tf["time_s"]) == {"plain_local", "ctfs_s3", "ctfs_s3_cached", "rclone_crypt", "s3fs"}
     assert all(len(f["runs"]) == 3 and f["min"] > 0 for f in tf["time_s"].values()), tf
     assert tf["ratios"]["ctfs_s3 / plain_local"]["median"] > 0
-    assert set(sec["skipped"]) <= {"tensorizer"}
+    assert sec["skipped"] == {}
+    assert sec["profiles"]["loopback"]["pairs"]["ctfs_s3 / tensorizer_enc"]["median"] > 0
     goals = {g["goal"] for g in res["goals"]}
     assert "s3 loopback: ctfs_s3 / rclone_crypt" in goals and "s3 wan: ctfs_s3 / raw_gets" in goals
     assert "## Object storage" in (out / "results.md").read_text()

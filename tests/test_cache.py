@@ -637,6 +637,45 @@ def test_recycle_consumed_keeps_a_sequential_scan_in_a_few_hot_buffers():
             assert ("k", 5) in c
 
 
+def test_recycle_consumed_stops_growing_at_the_working_set_under_random_reads():
+    # Random partial reads never consume a chunk. With the page cache in front
+    # (recycle_consumed) the pool stops at huge_buffers buffers and the LRU chunk's buffer
+    # is reused; without it the cache grows to its bound (it is the only cache then).
+    nseg = 64
+    data = rand_bytes(nseg * 4096, seed=8)
+    order = list(range(nseg))
+    random.Random(3).shuffle(order)
+    for recycle, expect_peak in ((True, ChunkCache.huge_buffers * 4096), (False, nseg * 4096)):
+        src = FakeSource(data, 4096)
+        with ChunkCache(1 << 20, readahead=0, recycle_consumed=recycle) as c:
+            for i in order:
+                assert read(c, src, "k", i * 4096 + 100, 1000) == data[i * 4096 + 100:i * 4096 + 1100]
+            assert c.stats()["peak_bytes_held"] == expect_peak
+            assert src.total_calls() == nseg
+            check_bound(c)
+
+
+def test_a_read_spanning_two_segments_decrypts_the_second_beside_the_first():
+    data = rand_bytes(8 * 4096, seed=9)
+    src = FakeSource(data, 4096, delay=0.2)
+    who: dict[int, str] = {}
+    inner = src.read_segment
+
+    def read_segment(i, out):
+        who[i] = threading.current_thread().name
+        return inner(i, out)
+    src.read_segment = read_segment
+    with ChunkCache(1 << 20, readahead=2, recycle_consumed=True) as c:
+        t0 = time.monotonic()
+        assert read(c, src, "k", 5 * 4096 - 100, 200) == data[5 * 4096 - 100:5 * 4096 + 100]
+        took = time.monotonic() - t0
+        assert who[4] == threading.current_thread().name
+        assert who[5].startswith("ctfs-readahead")
+        assert src.calls == {4: 1, 5: 1}
+        assert took < 0.35  # two 0.2 s decryptions at once, not one after the other
+        assert c.stats()["readahead_split"] == 1
+
+
 # ------------------------------------------------------------ read_pinned
 
 

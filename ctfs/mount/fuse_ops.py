@@ -59,6 +59,16 @@ from typing import Any, Callable, Optional
 
 from .mountinfo import find_mount
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _takes(fn, name: str) -> bool:
+    import inspect
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
 log = logging.getLogger("ctfs.fuse")
 
 
@@ -272,6 +282,14 @@ class CtfsOperations(mfusepy.Operations):
         self.fuse_reply = fuse_reply            # "auto": direct replies (ctfs.mount.fuse_reply)
         self.replier = None                     # its DirectReplier, from init to destroy
         self._read_pinned = getattr(tree, "read_pinned", None)  # optional in the protocol
+        self._pinned_rest = self._read_pinned is not None and _takes(self._read_pinned, "rest")
+        # Page-cache fill (see _fill): tree path -> the kernel's node id of the file, learnt
+        # by a stat through the mount (libfuse reports node ids as st_ino: use_ino off).
+        self._fill_ok = False                   # use_ino is off (set in init) and not direct_io
+        self._nodeids: dict[str, int] = {}
+        self._resolving: set[str] = set()
+        self._nodeid_lock = threading.Lock()
+        self._mnt_dev: Optional[int] = None
         self._inval_lock = threading.Lock()
         self._inval_tids: set[int] = set()      # daemon threads opening for invalidation
         register = getattr(tree, "set_kernel_invalidator", None)
@@ -310,6 +328,7 @@ class CtfsOperations(mfusepy.Operations):
                 config.entry_timeout = float(self.entry_timeout)
                 config.negative_timeout = float(self.negative_timeout)
                 config.use_ino = 0
+                self._fill_ok = self.keep_cache and not self.direct_io
         except Exception:  # noqa: BLE001
             log.exception("FUSE init tuning failed (continuing with defaults)")
         ptr = None
@@ -349,7 +368,9 @@ class CtfsOperations(mfusepy.Operations):
         "copy", replies written directly so far, and why direct replies are off, if so."""
         r = self.replier
         out = {"fuse_reply": "direct" if r is not None and r.enabled else "copy",
-               "direct_replies": r.replies if r is not None else 0}
+               "direct_replies": r.replies if r is not None else 0,
+               "page_cache_stores": r.stores if r is not None else 0,
+               "page_cache_stored_bytes": r.stored_bytes if r is not None else 0}
         if r is not None and r.why_off:
             out["fuse_reply_off"] = r.why_off
         return out
@@ -466,6 +487,8 @@ class CtfsOperations(mfusepy.Operations):
             fi.keep_cache = 0
             return 0
         fh = int(self.tree.open(path, uid, gid, pid))
+        if self._fill_ok and path not in self._nodeids:
+            self._resolve_nodeid(path)  # ready before the first random read, usually
         if not raw:
             return fh
         fi.fh = fh
@@ -502,13 +525,76 @@ class CtfsOperations(mfusepy.Operations):
         unique = rep.unique()
         if unique is None:
             return None
-        sent = pinned(fh, offset, size, lambda views: rep.send(unique, views))
+        sent = pinned(fh, offset, size, lambda views: rep.send(unique, views),
+                      **({"rest": self._fill} if self._fill_ok and self._pinned_rest else {}))
         if sent:
             self.read_requests += 1
             if size > self.max_read_request:
                 self.max_read_request = size
             return True
         return None
+
+    def _fill(self, path: str, size: int, offset: int, views: list) -> None:
+        """Hand plaintext the reader did not ask for (the rest of a chunk decrypted for a
+        random read) to the kernel's page cache of ``path`` (``FUSE_NOTIFY_STORE``), whole
+        pages only, so that the reader's next reads there need no request and the chunk is
+        not decrypted again. The same bytes a read would return, into the same cache that
+        ``keep_cache`` already fills (never with ``direct_io``); under the invalidation
+        lock and only while the mount is unlocked, so a lock's invalidation cannot be
+        overtaken by a store."""
+        rep = self.replier
+        if rep is None or not rep.enabled:
+            return
+        nodeid = self._nodeids.get(path)
+        if nodeid is None:
+            self._resolve_nodeid(path)
+            return
+        start = -(-offset // _PAGE) * _PAGE
+        end = offset + sum(len(v) for v in views)
+        if end != size:  # a partial last page is valid only at the end of the file
+            end = end // _PAGE * _PAGE
+        end = min(end, size)
+        if end <= start:
+            return
+        parts, pos = [], offset
+        for v in views:  # the views cut to [start, end)
+            a, b = max(start, pos), min(end, pos + len(v))
+            if a < b:
+                parts.append(v[a - pos:b - pos])
+            pos += len(v)
+        with self._inval_lock:
+            if getattr(self.tree, "locked", False) or not self.fuse_ptr:
+                return
+            ok = rep.store(nodeid, start, parts)
+        if not ok:  # the kernel forgot the inode: learn its node id again
+            self._nodeids.pop(path, None)
+
+    def _resolve_nodeid(self, path: str) -> None:
+        """Learn ``path``'s node id in a thread of its own (a stat through the mount may be a
+        FUSE request, which another worker must serve)."""
+        if self.mountpoint is None:
+            return
+        with self._nodeid_lock:
+            if path in self._resolving:
+                return
+            self._resolving.add(path)
+        threading.Thread(target=self._resolve, args=(path,), name="ctfs-nodeid", daemon=True).start()
+
+    def _resolve(self, path: str) -> None:
+        try:
+            mnt = self.mountpoint
+            if mnt is None:
+                return
+            if self._mnt_dev is None:
+                self._mnt_dev = os.stat(mnt).st_dev
+            st = os.stat(os.path.join(mnt, path.lstrip("/")))
+            if st.st_dev == self._mnt_dev and stat.S_ISREG(st.st_mode):  # ours, still mounted
+                self._nodeids[path] = st.st_ino
+        except OSError as e:
+            log.debug("node id of %s unknown: %s", path, e)
+        finally:
+            with self._nodeid_lock:
+                self._resolving.discard(path)
 
     @_guard
     def _read_into(self, fh: int, offset: int, mv: memoryview) -> int:

@@ -46,6 +46,8 @@ log = logging.getLogger("ctfs.fuse")
 MODES = ("auto", "copy")
 
 _OUT_HEADER = struct.Struct("<IiQ")  # struct fuse_out_header: len, error, unique
+_STORE_OUT = struct.Struct("<QQII")  # struct fuse_notify_store_out: nodeid, offset, size, padding
+FUSE_NOTIFY_STORE = 4  # enum fuse_notify_code
 _PTR = ctypes.sizeof(ctypes.c_void_p)
 
 
@@ -125,6 +127,7 @@ class DirectReplier:
         self._check_lock = threading.Lock()
         self.replies = 0  # diagnostics (racy increments are fine)
         self.unknown = 0  # replies the kernel did not take: ENOENT
+        self.stores = self.stored_bytes = 0  # FUSE_NOTIFY_STORE messages taken, and their bytes
 
     @classmethod
     def for_fuse(cls, lib: ctypes.CDLL, fuse_ptr: int) -> "DirectReplier":
@@ -214,3 +217,25 @@ class DirectReplier:
             return False
         self.replies += 1
         return True
+
+    def store(self, nodeid: int, offset: int, views: Sequence[memoryview]) -> bool:
+        """Put bytes into the kernel's page cache of inode ``nodeid`` at ``offset``
+        (``FUSE_NOTIFY_STORE``, what libfuse's ``fuse_lowlevel_notify_store`` sends): pages
+        the reader has not asked for yet, so it will find them cached. ``offset`` and the
+        length should be page-aligned (the kernel marks only whole pages valid). False if
+        the kernel refused (ENOENT: it has forgotten that inode)."""
+        if not self.enabled:
+            return False
+        n = sum(len(v) for v in views)
+        hdr = _OUT_HEADER.pack(_OUT_HEADER.size + _STORE_OUT.size + n, FUSE_NOTIFY_STORE, 0)
+        try:
+            written = os.writev(self.fd, [hdr, _STORE_OUT.pack(nodeid, offset, n, 0), *views])
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.debug("FUSE_NOTIFY_STORE of %d bytes at %d refused: %s", n, offset, e)
+            return False
+        if written == _OUT_HEADER.size + _STORE_OUT.size + n:
+            self.stores += 1
+            self.stored_bytes += n
+            return True
+        return False

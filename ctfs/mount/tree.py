@@ -213,16 +213,24 @@ class MountTree:
         with self._eio_on_integrity_failure():
             return view.read_into(offset, out, self.cache, id(view))
 
-    def read_pinned(self, fh: int, offset: int, n: int, consume):
+    def read_pinned(self, fh: int, offset: int, n: int, consume, rest=None):
         """Hand ``consume`` the plaintext of [offset, offset+n) as pinned views of the chunk
         cache (see ``ChunkCache.read_pinned``); None where that does not apply (pass-through
-        files, the header, ranges over many chunks): use ``read_into`` then."""
+        files, the header, ranges over many chunks): use ``read_into`` then.
+        ``rest(path, file_size, offset, views)``: plaintext of the file at ``offset``
+        that the reader did not ask for (``ChunkCache.read_pinned``); never called once
+        the mount is locked."""
         kind, obj, path = self._readable(fh)
         if kind == "real" or self.cache is None:
             return None
         view = self._nodes[path].view
+        fill = None
+        if rest is not None:
+            def fill(off, views):
+                if not self.locked:
+                    rest(path, view.size, off, views)
         with self._eio_on_integrity_failure():
-            return view.read_pinned(offset, n, consume, self.cache, id(view))
+            return view.read_pinned(offset, n, consume, self.cache, id(view), rest=fill)
 
     def release(self, fh: int) -> None:
         entry = self._handles.pop(fh, None)

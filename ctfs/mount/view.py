@@ -37,9 +37,15 @@ class PlainView:
             pos += got
         return pos
 
-    def read_pinned(self, offset: int, n: int, consume, cache, key):
+    def read_pinned(self, offset: int, n: int, consume, cache, key, rest=None):
         """``cache.read_pinned`` for view bytes [offset, offset+n) of the data section
-        (``consume`` gets the pinned plaintext); None for a range that starts in the header."""
+        (``consume`` gets the pinned plaintext); None for a range that starts in the header.
+        ``rest(view_offset, plaintext)``: see ``ChunkCache.read_pinned`` (offsets here are
+        the view's)."""
         if offset < self.data_start or offset >= self.size:
             return None
-        return cache.read_pinned(self.file, key, offset - self.data_start, n, consume)
+        fill = None
+        if rest is not None:
+            def fill(data_off, views):
+                rest(self.data_start + data_off, views)
+        return cache.read_pinned(self.file, key, offset - self.data_start, n, consume, rest=fill)

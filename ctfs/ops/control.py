@@ -406,7 +406,9 @@ def format_status(st: dict) -> str:
         off = k.get("fuse_reply_off")
         lines.append(f"replies     {k.get('direct_replies', 0)} written from the chunk cache"
                      + (f"; direct replies off: {off}" if off else
-                        "" if k.get("fuse_reply") == "direct" else "; copying (--fuse-reply copy)"))
+                        "" if k.get("fuse_reply") == "direct" else "; copying (--fuse-reply copy)")
+                     + (f"; {_size(k['page_cache_stored_bytes'])} of chunks handed to the page cache "
+                        f"ahead of random reads" if k.get("page_cache_stores") else ""))
     o = st.get("object_store")
     if o:
         lines.append(f"s3          {o.get('requests', 0)} request(s), {o.get('retries', 0)} retried, "

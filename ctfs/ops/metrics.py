@@ -101,6 +101,9 @@ def _families(status: dict):
         yield counter("fuse_read_requests", "FUSE read requests served.", fuse.get("read_requests", 0))
         yield counter("fuse_direct_replies", "FUSE read replies written to /dev/fuse straight "
                       "from the chunk cache.", fuse.get("direct_replies", 0))
+        yield counter("fuse_page_cache_stored_bytes", "Plaintext of chunks decrypted for random "
+                      "reads handed to the kernel page cache (FUSE_NOTIFY_STORE) before it was "
+                      "asked for.", fuse.get("page_cache_stored_bytes", 0))
         yield gauge("fuse_max_read_request_bytes", "Largest FUSE read request so far (1 MiB when "
                     "the kernel tuning took effect).", fuse.get("max_read_request", 0))
         if fuse.get("read_ahead_kb") is not None:

@@ -20,7 +20,7 @@ LOADING, READY, FAILED, DROPPED = range(4)
 class Chunk:
     __slots__ = (
         "key", "index", "buf", "size", "state", "pins", "event", "error",
-        "from_ra", "ra_pending", "doomed", "transient", "consumed", "served",
+        "from_ra", "ra_pending", "doomed", "transient", "consumed", "served", "stored",
     )
 
     def __init__(self, key: tuple, index: int, size: int) -> None:
@@ -35,6 +35,7 @@ class Chunk:
         self.from_ra = False
         self.consumed = False
         self.served = 0  # bytes copied out so far (consumed once it covers the chunk)
+        self.stored = False  # handed whole to the kernel's page cache (read_pinned's rest)
         self.ra_pending = False
         self.doomed = False
         self.transient = False
