@@ -158,11 +158,12 @@ def mapper():
     with open(path, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         got["mmap"] = hashlib.sha256(m[:]).hexdigest()
-ts = [threading.Thread(target=reader, args=(s, bs)) for s, bs in ((1, 1 << 20), (2, 49152), (3, 1 << 20), (4, 200000))]
-ts.append(threading.Thread(target=mapper))
+SPECS = [(s, (1 << 20, 49152, 200000, 1 << 19)[s % 4]) for s in range(1, 17)]
+ts = [threading.Thread(target=reader, args=spec) for spec in SPECS]
+ts += [threading.Thread(target=mapper) for _ in range(2)]
 for t in ts: t.start()
 for t in ts: t.join()
-for s, bs in ((1, 1 << 20), (2, 49152), (3, 1 << 20), (4, 200000)):
+for s, bs in SPECS:
     whole = b"".join(got[(s, o)] for o in range(0, size, bs))
     assert hashlib.sha256(whole).hexdigest() == got["mmap"], s
 print(got["mmap"])
@@ -171,9 +172,11 @@ print(got["mmap"])
 
 def test_a_tiny_cache_under_concurrent_random_readers_never_deadlocks(model, tmp_path):
     """A fill holds its chunks pinned while the kernel may make it wait for pages that
-    another read must fill first; with a cache of two chunks that read has no room unless
-    it goes past the bound (ChunkCache._acquire_locked). Readers in a child, with a
-    timeout: a deadlock fails the test instead of hanging it."""
+    another read must fill first: that read must find room (with a cache of two chunks,
+    past the bound: ChunkCache._acquire_locked) and a FUSE thread to serve it (fills run
+    on their own thread, never on the FUSE workers: 16 readers and 2 mmaps at once used
+    them all up when they did). Readers in a child, with a timeout: a deadlock fails the
+    test instead of hanging it."""
     import subprocess
     import sys
     with mounted(model["enc"], tmp_path / "mnt", model["key_file"], "--cache-size", "4MiB",

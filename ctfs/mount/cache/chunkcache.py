@@ -26,6 +26,7 @@ module is the single-flight loading and the API; the buffers and the byte bound 
 from __future__ import annotations
 
 import bisect
+import collections
 import errno
 import logging
 import threading
@@ -102,7 +103,10 @@ class ChunkCache:
         self._mem_waiters = 0
         self._doomed: set[Chunk] = set()
         self._closed = False
-        self._filling = 0  # page-cache fills in progress (read_pinned's rest)
+        self._filling = 0  # page-cache fills queued or in progress (read_pinned's rest)
+        self._fill_q: collections.deque = collections.deque()
+        self._fill_cv = threading.Condition(self._lock)
+        self._filler: threading.Thread | None = None
         self.beyond_bound = 0  # loads that went past the bound rather than wait during a fill
         self._bytes_decrypted = 0
         self._decrypt_seconds = 0.0
@@ -208,7 +212,6 @@ class ChunkCache:
                 chunks.append(ch)
                 views.append(ch.buf.mv[max(offset, s) - s:min(end, source.segment_end(i)) - s])  # type: ignore[union-attr]
             result = consume(views)
-            fill = []
             if self._recycle or rest is not None:
                 with self._lock:
                     for ch, v in zip(chunks, views):
@@ -216,10 +219,7 @@ class ChunkCache:
                             self.table.served(ch, len(v))
                         if rest is not None and result and not sequential and not ch.stored \
                                 and len(v) < ch.size:
-                            ch.stored = True
-                            fill.append(ch)
-            for ch in fill:
-                self._hand_rest(source, source_key, ch, rest)
+                            self._queue_fill_locked(source, source_key, ch, rest)
             return result
         finally:
             for v in views:
@@ -270,9 +270,13 @@ class ChunkCache:
             self._closed = True
             self.readahead.close_locked()
             self._cond.notify_all()
+            self._fill_cv.notify_all()
+            filler = self._filler
         if not already:
             self.wipe(timeout, release=True)
         self.readahead.join(timeout)
+        if filler is not None and filler is not threading.current_thread():
+            filler.join(timeout)
 
     def __enter__(self) -> "ChunkCache":
         return self
@@ -511,6 +515,46 @@ class ChunkCache:
     #: bytes of each cached neighbour handed to ``rest`` with a segment (a page: the kernel
     #: keeps whole pages only, and a segment rarely starts or ends on a page boundary)
     rest_margin = 4096
+    #: page-cache fills waiting for the filler thread at most (more are skipped: the reader
+    #: asks for those pages instead)
+    max_fill_queue = 8
+
+    def _queue_fill_locked(self, source: Any, skey: Hashable, ch: Chunk, rest: Any) -> None:
+        """Hand pinned chunk CH to the filler thread, which calls ``rest`` (lock held).
+
+        Not in the reader's thread: the kernel may make a store wait for a page that a read
+        in flight must fill first, and a FUSE worker blocked there (with others queued
+        behind it) can leave no thread to serve that read. The filler holds its chunk
+        pinned meanwhile, so reads that find no room go past the bound (_acquire_locked)."""
+        if len(self._fill_q) >= self.max_fill_queue or self._closed:
+            return
+        ch.stored = True
+        ch.pins += 1
+        self._filling += 1
+        self._fill_q.append((source, skey, ch, rest, self.readahead.generation))
+        if self._filler is None:
+            self._filler = threading.Thread(target=self._fill_loop, name="ctfs-fill", daemon=True)
+            self._filler.start()
+        self._fill_cv.notify()
+        if self._mem_waiters:
+            self._cond.notify_all()  # they must not wait on our pins now (_acquire_locked)
+
+    def _fill_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._fill_q and not self._closed:
+                    self._fill_cv.wait()
+                if not self._fill_q:
+                    return
+                source, skey, ch, rest, gen = self._fill_q.popleft()
+                stale = gen != self.readahead.generation or self._closed  # wiped since
+            try:
+                if not stale:
+                    self._hand_rest(source, skey, ch, rest)
+            finally:
+                self._unpin(ch)
+                with self._lock:
+                    self._filling -= 1
 
     def _hand_rest(self, source: Any, skey: Hashable, ch: Chunk, rest: Any) -> None:
         """``rest(start, views)`` for pinned chunk CH: its bytes, with up to ``rest_margin``
@@ -518,9 +562,6 @@ class ChunkCache:
         starts = source.segment_starts
         nb: list[Chunk] = []
         with self._lock:
-            self._filling += 1
-            if self._mem_waiters:
-                self._cond.notify_all()  # they must not wait on our pins now (_acquire_locked)
             for j in (ch.index - 1, ch.index + 1):
                 other = self.table.get((skey, j)) if 0 <= j < len(starts) else None
                 if other is not None and other.state == READY and other.buf is not None:
@@ -546,8 +587,6 @@ class ChunkCache:
                 v.release()
             for o in nb:
                 self._unpin(o)
-            with self._lock:
-                self._filling -= 1
 
     def _unpin(self, ch: Chunk) -> None:
         with self._lock:
