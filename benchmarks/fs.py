@@ -93,7 +93,7 @@ def run(ctx, size: int) -> dict:
                 _plain(ctx, p["plain"], speed["plain"], rep)
         prof = None
         if getattr(ctx.opts, "profile", False):
-            from . import profile
+            from . import cpu_profile as profile
             prof = profile.run(ctx, mounts, backing, lambda m: os.path.join(m.mnt, NAME),
                                lambda step: seq_read if step.startswith("seq") else rand_read)
     finally:

@@ -58,7 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="fs section: after the pairs, sample each daemon with perf (cpu-clock, call "
                          "graphs) on a cold sequential and a cold random read: CPU by category and by "
-                         "function, side by side (benchmarks/profile.py; needs perf)")
+                         "function, side by side (benchmarks/cpu_profile.py; needs perf)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--hold-page-reporting", action="store_true",
                     help="as root in a VM with free page reporting: hold it off for the run and restore it "

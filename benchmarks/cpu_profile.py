@@ -1,4 +1,6 @@
 """Where a FUSE daemon's CPU goes on a cold read (``python -m benchmarks --only fs --profile``).
+(Not named ``profile``: that would shadow the standard library's module for the scripts
+run from this directory, such as ``vllm_start.py``.)
 
 After the interleaved pairs, each filesystem's daemon (ctfs, gocryptfs, ``fuse_floor``) is
 sampled with ``perf record -e cpu-clock -g`` during one fresh-mount cold sequential read
