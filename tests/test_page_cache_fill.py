@@ -16,7 +16,7 @@ from ctfs.format.keys import KeySet
 from ctfs.format.modeldir import encrypt_path
 from ctfs.format.writer import EncryptOptions
 from mounting import ctfs, mounted, write_keys
-from test_secret_hygiene import cached_pages
+from test_secret_hygiene import cached_pages, cached_pages_fd as _cached_fd
 
 MiB = 1 << 20
 CHUNK = 2 * MiB
@@ -123,23 +123,6 @@ def test_a_lock_leaves_no_filled_page_behind(model, tmp_path):
             check(view, random_reads(view, MiB, seed=6), model["data"])
         finally:
             os.close(fd)
-
-
-def _cached_fd(fd) -> int:
-    """Pages cached of the file open as FD (cachestat(2) on the descriptor itself: a locked
-    mount refuses a new open)."""
-    import ctypes
-
-    class Range(ctypes.Structure):
-        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-    class Stat(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback",
-                                                   "nr_evicted", "nr_recently_evicted")]
-    st = Stat()
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.syscall(451, fd, ctypes.byref(Range(0, 0)), ctypes.byref(st), 0) == 0, ctypes.get_errno()
-    return st.nr_cache
 
 
 READERS = r"""

@@ -297,6 +297,15 @@ def test_no_mlock_allowance_warns_and_still_serves(model, tmp_path):
 
 def cached_pages(path) -> int:
     """Pages of ``path`` in the kernel page cache (cachestat(2), Linux 6.5+)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return cached_pages_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def cached_pages_fd(fd: int) -> int:
+    """Pages cached of the file open as FD (a locked mount refuses a new open)."""
     import ctypes
 
     class Range(ctypes.Structure):
@@ -306,14 +315,10 @@ def cached_pages(path) -> int:
         _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback",
                                                    "nr_evicted", "nr_recently_evicted")]
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        st = Stat()
-        if libc.syscall(451, fd, ctypes.byref(Range(0, 0)), ctypes.byref(st), 0) != 0:
-            pytest.fail(f"no cachestat(2) (kernel >= 6.5 needed): errno {ctypes.get_errno()}")
-        return st.nr_cache
-    finally:
-        os.close(fd)
+    st = Stat()
+    if libc.syscall(451, fd, ctypes.byref(Range(0, 0)), ctypes.byref(st), 0) != 0:
+        pytest.fail(f"no cachestat(2) (kernel >= 6.5 needed): errno {ctypes.get_errno()}")
+    return st.nr_cache
 
 
 @pytest.mark.parametrize("direct_io", [False, True], ids=["default", "direct-io"])

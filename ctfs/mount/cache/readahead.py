@@ -95,9 +95,7 @@ class Readahead:
             self.queued.add(key)
             added = True
         if added:
-            if len(self.threads) < self.n_workers and not self.closed:
-                self._start_workers_locked()
-            self.work.notify()
+            self._wake_locked()
         return True
 
     def _split_locked(self, source: Any, skey: Hashable, first: int, last: int,
@@ -118,9 +116,13 @@ class Readahead:
             self.split += 1
             added = True
         if added:
-            if len(self.threads) < self.n_workers and not self.closed:
-                self._start_workers_locked()
-            self.work.notify()
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        """Tasks were queued: have the workers started and one of them woken."""
+        if len(self.threads) < self.n_workers and not self.closed:
+            self._start_workers_locked()
+        self.work.notify()
 
     def next_task_locked(self, known: Callable[[tuple], bool]) -> Task | None:
         """Wait for the next task worth doing; None once closed."""
