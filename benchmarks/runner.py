@@ -14,7 +14,7 @@ import traceback
 
 from . import mounts
 from .models import GB, QWEN3, Model, make_qwen3, relabel
-from .util import REPO, PageReportingHold, Workers, can_drop_caches, child_env, log
+from .util import REPO, PageReportingHold, Workers, can_drop_caches, child_env, installed, log
 
 SECTIONS = ("serialise", "load", "fs", "frameworks")  # a run without --only
 #: object storage: its own server, peers and results directory (``--only s3``)
@@ -155,18 +155,13 @@ def _prepare_load_inputs(ctx, model: Model, f16: Model, base: str) -> dict:
     ctx.workers.run("save", {"lib": "ref_enc_np", "files": f16.files(), "out": out["ref_np"],
                              "ref_config": ctx.ref_config})
     _ctfs_encrypt(ctx, model, out["ctfs"])
-    if tensorizer_available():
+    if installed("tensorizer"):
         log(f"load {model.name}: writing tensorizer's encrypted file")
         os.makedirs(os.path.join(base, "tz-enc"), exist_ok=True)
         out["tz_enc"] = os.path.join(base, "tz-enc", "model.tensors")
         out["tz_key"] = os.path.join(base, "tz-enc", "key")
         ctx.workers.run("tz_save", {"files": model.files(), "out": out["tz_enc"], "key_out": out["tz_key"]}, "pt")
     return out
-
-
-def tensorizer_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("tensorizer") is not None
 
 
 def _ctfs_encrypt(ctx, model: Model, dst: str) -> None:

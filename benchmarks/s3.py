@@ -47,7 +47,7 @@ from .models import make_blob, make_qwen3
 from .mounts import CtfsMount, Mount, cleanup_all
 from .netproxy import NetProxy
 from .seaweed import KEY_ID, REGION, SECRET, SeaweedFS
-from .util import GB, Samples, child_env, fig, fmt_bytes, log, seq_read
+from .util import GB, Samples, child_env, fig, fmt_bytes, installed, log, seq_read
 
 NAME = "model.safetensors"
 BUCKET = "bench"
@@ -141,21 +141,6 @@ print(n, dt, r.ru_utime + r.ru_stime)
 """
 
 
-def _have_runai() -> bool:
-    try:
-        import runai_model_streamer  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def _have_tensorizer() -> bool:
-    try:
-        import tensorizer  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
 
 def prepare(ctx, size: int) -> dict:
     d = os.path.join(ctx.workdir, "s3")
@@ -195,7 +180,7 @@ def prepare(ctx, size: int) -> dict:
                             "--s3-upload-concurrency", "4", "--s3-chunk-size", "64M"],
                            check=True, env=_rclone_env(), capture_output=True, timeout=900)
         out["rclone_conf"] = conf
-    if _have_tensorizer():
+    if installed("tensorizer"):
         log("s3: tensorizer's encrypted copy, uploaded")
         tz = os.path.join(d, "tz")
         os.makedirs(tz, exist_ok=True)
@@ -326,7 +311,7 @@ def methods(ctx, p, endpoint) -> dict:
             n, dt, cpu = r.stdout.split()[-3:]
             return int(n), float(dt), float(cpu)
         return run
-    if _have_runai():
+    if installed("runai_model_streamer"):
         for c in (4, 8):
             out[f"runai_c{c}"] = proc(RUNAI, [f"s3://{BUCKET}/plain/{NAME}"],
                                       _env({"AWS_ENDPOINT_URL": endpoint,
@@ -343,9 +328,9 @@ def run(ctx, size: int) -> dict:
     server = p["server"]
     result = {"file_bytes": p["file_bytes"], "unit": "GB/s", "profiles": {},
               "skipped": {}, "server": "SeaweedFS " + _weed_version()}
-    if not _have_tensorizer():
+    if not installed("tensorizer"):
         result["skipped"]["tensorizer"] = "tensorizer is not installed here (pip install tensorizer; Debian libsodium23)"
-    if not _have_runai():
+    if not installed("runai_model_streamer"):
         result["skipped"]["runai"] = "runai-model-streamer is not installed"
     try:
         for profile in ("loopback", "wan"):

@@ -41,6 +41,16 @@ class Samples(dict):
         return {k: fig(v) for k, v in self.items()}
 
 
+def installed(module: str) -> bool:
+    """Whether MODULE imports here (an optional peer: Run:ai, tensorizer)."""
+    import importlib
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
 def child_env(extra: dict | None = None, *, pythonpath: bool = True) -> dict:
     env = dict(os.environ)
     if pythonpath:
