@@ -740,6 +740,80 @@ def test_read_pinned_never_waits_for_room_while_holding_a_pin(data):
         assert read(c, src, "k", PAGE - 10, 20) == data[PAGE - 10:PAGE + 10]
 
 
+def _fill_once(c, src, off, n, rest):
+    """A non-sequential read_pinned of [off, off+n) whose chunk goes to REST on the filler."""
+    done = threading.Event()
+
+    def wrapped(start, views):
+        try:
+            rest(start, views)
+        finally:
+            done.set()
+    assert c.read_pinned(src, "k", off, n, lambda views: 1, rest=wrapped) == 1
+    assert done.wait(10), "the filler never handed the chunk on"
+
+
+def test_rest_gets_the_whole_segment_with_a_page_of_each_cached_neighbour():
+    data = rand_bytes(4 * 3 * PAGE, seed=5)
+    src = FakeSource(data, 3 * PAGE)
+    with ChunkCache(40 * PAGE, readahead=0) as c:
+        for i in (0, 2):
+            read(c, src, "k", i * 3 * PAGE, 1)
+        got = []
+        _fill_once(c, src, 3 * PAGE + 10, 100, lambda start, views: got.append((start, b"".join(views))))
+        # segment 1 = [3P, 6P): with the last page of segment 0 and the first of segment 2
+        assert got == [(2 * PAGE, data[2 * PAGE:7 * PAGE])]
+        # handed on once: another partial read of it is not queued again
+        assert c.read_pinned(src, "k", 4 * PAGE, 10, lambda views: 1, rest=lambda *a: got.append(a)) == 1
+        time.sleep(0.2)
+        assert len(got) == 1 and no_pins(c)
+
+
+def test_a_fill_that_waits_on_a_read_leaves_that_read_room_within_the_bound():
+    # The kernel may make a store wait for a page that a read in flight must fill first.
+    # Here REST waits for a read of another segment that needs room in a cache of two
+    # segments: the fill may pin its own segment only (not its cached neighbour), so the
+    # read evicts the neighbour and finishes; the bound holds throughout.
+    data = rand_bytes(8 * PAGE, seed=6)
+    src = FakeSource(data, PAGE)
+    with ChunkCache(2 * PAGE, readahead=0) as c:
+        read(c, src, "k", PAGE, 1)  # the neighbour, cached
+        got, finished = [], []
+
+        def rest(start, views):
+            t = threading.Thread(target=lambda: finished.append(read(c, src, "k", 5 * PAGE, 100)))
+            t.start()
+            t.join(5)
+            got.append((start, b"".join(views)))
+
+        _fill_once(c, src, 10, 100, rest)
+        assert finished == [data[5 * PAGE:5 * PAGE + 100]]
+        assert got == [(0, data[:PAGE])]  # no neighbour page: pinning it would leave no room
+        check_bound(c)
+        assert no_pins(c)
+
+
+def test_a_fill_skips_a_segment_evicted_before_the_filler_got_to_it():
+    data = rand_bytes(8 * PAGE, seed=7)
+    src = FakeSource(data, PAGE)
+    with ChunkCache(2 * PAGE, readahead=0) as c:
+        gate, held, got = threading.Event(), threading.Event(), []
+
+        def hold(start, views):  # holds the filler
+            held.set()
+            gate.wait(5)
+        c.read_pinned(src, "k", 0, 10, lambda views: 1, rest=hold)
+        assert held.wait(5)
+        c.read_pinned(src, "k", 2 * PAGE + 1, 10, lambda views: 1, rest=lambda s, v: got.append(s))
+        for i in (4, 5, 6):  # evict segment 2 while its fill waits in the queue
+            read(c, src, "k", i * PAGE, 1)
+        assert ("k", 2) not in c
+        gate.set()
+        time.sleep(0.2)
+        assert got == [] and no_pins(c)
+        check_bound(c)
+
+
 def test_read_pinned_chunks_outlive_a_wipe_until_consume_returns(data):
     src = FakeSource(data, PAGE)
     c = ChunkCache(20 * PAGE, readahead=0)

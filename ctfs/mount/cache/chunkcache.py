@@ -103,11 +103,9 @@ class ChunkCache:
         self._mem_waiters = 0
         self._doomed: set[Chunk] = set()
         self._closed = False
-        self._filling = 0  # page-cache fills queued or in progress (read_pinned's rest)
         self._fill_q: collections.deque = collections.deque()
         self._fill_cv = threading.Condition(self._lock)
         self._filler: threading.Thread | None = None
-        self.beyond_bound = 0  # loads that went past the bound rather than wait during a fill
         self._bytes_decrypted = 0
         self._decrypt_seconds = 0.0
         if chunk_size:
@@ -180,8 +178,9 @@ class ChunkCache:
 
         ``rest(start, views)``, if given, is called after ``consume`` for each segment of a
         read that does not continue a sequential stream, once per time the segment is
-        decrypted, with pinned views of the whole segment (plus up to a page of each cached
-        neighbour) from data offset ``start`` on: the caller may hand
+        decrypted (on a filler thread, while the segment is still cached), with pinned views of
+        the whole segment (plus up to a page of each cached neighbour the bound leaves room to
+        pin: _pin_for_fill_locked) from data offset ``start`` on: the caller may hand
         the bytes the reader did not ask for to the kernel's page cache, so that a random
         reader finds them there instead of having the segment decrypted again. A sequential
         reader asks for them anyway. Its exceptions are logged, never raised."""
@@ -304,7 +303,6 @@ class ChunkCache:
                 "readahead_hits": ra.hits,
                 "readahead_dropped": ra.dropped,
                 "readahead_split": ra.split,
-                "loads_beyond_bound": self.beyond_bound,
                 "mlocked": bool(p.mlock_ok),
                 "excluded_from_core_dumps": p.dontdump_ok,
             }
@@ -382,13 +380,6 @@ class ChunkCache:
                 return None, False
             if not wait:
                 raise _NoRoom()
-            if self._filling:
-                # A page-cache fill holds pins while the kernel may make it wait for pages
-                # that the read asking for room here must fill first: waiting could deadlock.
-                # Go past the bound with a buffer that is unmapped once evicted.
-                pool.claim_locked(cap, beyond=True)
-                self.beyond_bound += 1
-                return None, False
             self._mem_waiters += 1
             try:
                 self._cond.wait()
@@ -520,24 +511,20 @@ class ChunkCache:
     max_fill_queue = 8
 
     def _queue_fill_locked(self, source: Any, skey: Hashable, ch: Chunk, rest: Any) -> None:
-        """Hand pinned chunk CH to the filler thread, which calls ``rest`` (lock held).
+        """Ask the filler thread to call ``rest`` with chunk CH (lock held).
 
         Not in the reader's thread: the kernel may make a store wait for a page that a read
         in flight must fill first, and a FUSE worker blocked there (with others queued
-        behind it) can leave no thread to serve that read. The filler holds its chunk
-        pinned meanwhile, so reads that find no room go past the bound (_acquire_locked)."""
+        behind it) can leave no thread to serve that read. A queued fill holds no pin: the
+        filler finds the chunk again, and skips it if it was evicted meanwhile."""
         if len(self._fill_q) >= self.max_fill_queue or self._closed:
             return
         ch.stored = True
-        ch.pins += 1
-        self._filling += 1
-        self._fill_q.append((source, skey, ch, rest, self.readahead.generation))
+        self._fill_q.append((source, skey, ch.index, rest, self.readahead.generation))
         if self._filler is None:
             self._filler = threading.Thread(target=self._fill_loop, name="ctfs-fill", daemon=True)
             self._filler.start()
         self._fill_cv.notify()
-        if self._mem_waiters:
-            self._cond.notify_all()  # they must not wait on our pins now (_acquire_locked)
 
     def _fill_loop(self) -> None:
         while True:
@@ -546,30 +533,48 @@ class ChunkCache:
                     self._fill_cv.wait()
                 if not self._fill_q:
                     return
-                source, skey, ch, rest, gen = self._fill_q.popleft()
-                stale = gen != self.readahead.generation or self._closed  # wiped since
+                source, skey, idx, rest, gen = self._fill_q.popleft()
+                pinned: list[Chunk] = []
+                if gen == self.readahead.generation and not self._closed:  # else wiped since
+                    pinned = self._pin_for_fill_locked(source, skey, idx)
+            if not pinned:
+                continue
             try:
-                if not stale:
-                    self._hand_rest(source, skey, ch, rest)
+                self._hand_rest(source, pinned, rest)
             finally:
-                self._unpin(ch)
-                with self._lock:
-                    self._filling -= 1
+                for o in pinned:
+                    self._unpin(o)
 
-    def _hand_rest(self, source: Any, skey: Hashable, ch: Chunk, rest: Any) -> None:
-        """``rest(start, views)`` for pinned chunk CH: its bytes, with up to ``rest_margin``
-        bytes of each neighbouring segment before and after it where that one is cached."""
+    def _pin_for_fill_locked(self, source: Any, skey: Hashable, idx: int) -> list[Chunk]:
+        """Pin cached segment IDX, and its cached neighbours, for a store (lock held).
+
+        The store may wait for a page that a read in flight must fill first, and that read
+        may need room in the cache: so a fill pins at most what leaves room for the largest
+        buffer a reader of this source asks for, and a read that finds no room can always
+        wait for other readers' pins to go (they never wait holding one). The bound holds.
+        Returns the pinned chunks, segment IDX first; none if it is no longer cached or the
+        cache is too small to store from."""
+        budget = self._capacity - round_page(source.max_segment_size)
+        out: list[Chunk] = []
         starts = source.segment_starts
-        nb: list[Chunk] = []
-        with self._lock:
-            for j in (ch.index - 1, ch.index + 1):
-                other = self.table.get((skey, j)) if 0 <= j < len(starts) else None
-                if other is not None and other.state == READY and other.buf is not None:
-                    other.pins += 1
-                    nb.append(other)
+        for j in (idx, idx - 1, idx + 1):
+            ch = self.table.get((skey, j)) if 0 <= j < len(starts) else None
+            if ch is None or ch.state != READY or ch.buf is None or ch.buf.cap > budget:
+                if j == idx:
+                    return []
+                continue
+            budget -= ch.buf.cap
+            ch.pins += 1
+            out.append(ch)
+        return out
+
+    def _hand_rest(self, source: Any, pinned: list[Chunk], rest: Any) -> None:
+        """``rest(start, views)`` for the pinned chunks from _pin_for_fill_locked: the bytes
+        of the first, with up to ``rest_margin`` bytes of each neighbour before and after."""
+        ch, nb = pinned[0], pinned[1:]
         views: list[memoryview] = []
         try:
-            start = starts[ch.index]
+            start = source.segment_starts[ch.index]
             for o in nb:
                 if o.index < ch.index:
                     k = min(self.rest_margin, o.size)
@@ -585,8 +590,6 @@ class ChunkCache:
         finally:
             for v in views:
                 v.release()
-            for o in nb:
-                self._unpin(o)
 
     def _unpin(self, ch: Chunk) -> None:
         with self._lock:
