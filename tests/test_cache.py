@@ -814,6 +814,49 @@ def test_a_fill_skips_a_segment_evicted_before_the_filler_got_to_it():
         check_bound(c)
 
 
+def test_readahead_skips_segments_the_page_cache_already_has():
+    # page-cache mode (recycle_consumed): a segment whose every byte was served is in the
+    # kernel's page cache, and a reader reaching it will not ask; readahead does not
+    # decrypt it again once evicted. Without a page cache in front it does.
+    data = rand_bytes(12 * PAGE, seed=9)
+    for recycle, again in ((True, 0), (False, 1)):
+        src = FakeSource(data, PAGE)
+        with ChunkCache(3 * PAGE, readahead=2, recycle_consumed=recycle) as c:
+            read(c, src, "k", 6 * PAGE, 3 * PAGE)  # segments 6-8, whole
+            for i in (0, 10, 11):                  # evict them (parts of other segments)
+                read(c, src, "k", i * PAGE, 100)
+            assert not any(("k", i) in c for i in (6, 7, 8))
+            for i in range(3, 6):                  # a sequential reader coming up to 6
+                read(c, src, "k", i * PAGE, PAGE)
+            deadline = time.monotonic() + 5
+            while again and src.calls.get(7, 0) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            assert [src.calls.get(i, 0) for i in (6, 7)] == [1 + again] * 2
+            c.wipe()
+            with c._lock:
+                assert not c._fed
+
+
+def test_a_read_continuing_one_other_read_still_hands_its_chunk_on():
+    # A fault in a mapping asks for a window around the page: two requests in a row. That
+    # is not a sequential reader yet, so the second read's chunk goes to the page cache too.
+    data = rand_bytes(8 * 3 * PAGE, seed=10)
+    src = FakeSource(data, 3 * PAGE)
+    with ChunkCache(40 * PAGE, readahead=3, recycle_consumed=True) as c:
+        got = []
+        lock, done = threading.Lock(), threading.Semaphore(0)
+
+        def rest(start, views):
+            with lock:
+                got.append(start)
+            done.release()
+        for off in (3 * PAGE - 2 * PAGE, 3 * PAGE):   # [P, 3P) then [3P, 5P)
+            assert c.read_pinned(src, "k", off, 2 * PAGE, lambda views: 1, rest=rest) == 1
+        assert done.acquire(timeout=5) and done.acquire(timeout=5)
+        assert sorted(got) == [0, 3 * PAGE - PAGE]  # segment 0; segment 1 with a page of 0
+
+
 def test_read_pinned_chunks_outlive_a_wipe_until_consume_returns(data):
     src = FakeSource(data, PAGE)
     c = ChunkCache(20 * PAGE, readahead=0)

@@ -117,31 +117,52 @@ def note(ra, src, key, first, known=lambda k: False, window=3):
     """A read of exactly segment FIRST of SRC under KEY (the lock held, as the cache does)."""
     seg = src.max_segment_size
     with ra.lock:
-        ra.note_access_locked(src, key, first * seg, (first + 1) * seg, first, first, window=window,
-                              known=known)
+        return ra.note_access_locked(src, key, first * seg, (first + 1) * seg, first, first,
+                                     window=window, known=known)
 
 
-def test_readahead_queues_the_window_after_a_sequential_read():
+def test_readahead_ramps_up_to_the_window_after_sequential_reads():
     ra, src = planner()
-    note(ra, src, "f", 0)
+    assert note(ra, src, "f", 0) is False
     assert not ra.queue                                   # first read: nothing known yet
-    note(ra, src, "f", 1, known=lambda k: k == ("f", 3))
-    assert [t.index for t in ra.queue] == [2, 4]          # 2..4, less what is cached
-    note(ra, src, "f", 9)
-    assert [t.index for t in ra.queue] == [2, 4]          # a jump is not sequential
+    assert note(ra, src, "f", 1) is False                 # continues it: one segment ahead,
+    assert [t.index for t in ra.queue] == [2]             # but not yet a sequential reader
+    assert note(ra, src, "f", 2, known=lambda k: k == ("f", 4)) is True
+    assert [t.index for t in ra.queue] == [2, 3]          # two ahead, less what is known
+    assert note(ra, src, "f", 3) is True
+    assert [t.index for t in ra.queue] == [2, 3, 4, 5, 6]  # the whole window (3)
+    assert note(ra, src, "f", 12) is False
+    assert len(ra.queue) == 5                             # a jump is not sequential
+    assert ra.seq["f"] == (13 * src.max_segment_size, 12, 0)
+
+
+def test_readahead_takes_requests_out_of_order_as_one_stream():
+    # FUSE workers take the kernel's readahead requests in any order
+    ra, src = planner()
+    seg = src.max_segment_size
+    ra.reorder = 3
+    runs = []
+    for i in (0, 1, 3, 2, 5, 4, 6):
+        note(ra, src, "f", i)
+        runs.append(ra.seq["f"][2])
+    assert runs == [0, 1, 2, 3, 4, 5, 6]
+    assert ra.seq["f"][:2] == (7 * seg, 6)                # the furthest end seen
+    note(ra, src, "f", 10)                                # forward jump: a new stream
+    note(ra, src, "f", 6)                                 # 5 segments behind: too far back
+    assert ra.seq["f"] == (7 * seg, 6, 0)
 
 
 def test_readahead_skips_stale_and_passed_tasks_and_bounds_its_queue():
     ra, src = planner()
     ra.max_queue = 2
-    note(ra, src, "f", 0)
-    note(ra, src, "f", 1)
+    for i in range(3):
+        note(ra, src, "f", i)
     assert [t.index for t in ra.queue] == [3, 4]          # the oldest (2) went
-    ra.seq["f"] = (4 * src.max_segment_size, 3)           # the reader is past segment 3
+    ra.seq["f"] = (4 * src.max_segment_size, 3, 2)        # the reader is past segment 3
     with ra.lock:
         assert ra.next_task_locked(lambda k: False).index == 4
-    note(ra, src, "g", 0)
-    note(ra, src, "g", 1)
+    for i in range(3):
+        note(ra, src, "g", i)
     stale = ra.queue[0]
     with ra.lock:
         ra.clear_locked()                                 # a wipe: nothing queued, new generation
@@ -162,11 +183,11 @@ def test_readahead_window_leaves_room_for_the_read_itself():
 def test_readahead_drop_source_forgets_only_that_source():
     ra, src = planner()
     for key in ("f", "g"):
-        note(ra, src, key, 0, window=2)
-        note(ra, src, key, 1, window=2)
+        for i in range(3):
+            note(ra, src, key, i, window=2)
     with ra.lock:
         ra.drop_source_locked("f")
-    assert {t.skey for t in ra.queue} == {"g"} and ra.queued == {("g", 2), ("g", 3)}
+    assert {t.skey for t in ra.queue} == {"g"} and ra.queued == {("g", 2), ("g", 3), ("g", 4)}
     assert "f" not in ra.seq and "g" in ra.seq
 
 

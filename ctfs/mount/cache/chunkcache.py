@@ -106,6 +106,9 @@ class ChunkCache:
         self._fill_q: collections.deque = collections.deque()
         self._fill_cv = threading.Condition(self._lock)
         self._filler: threading.Thread | None = None
+        # (recycle_consumed) segments whose every byte went to the kernel's page cache, served
+        # or stored: readahead skips them (a hint, oldest forgotten first: see _fed_locked)
+        self._fed: collections.OrderedDict = collections.OrderedDict()
         self._bytes_decrypted = 0
         self._decrypt_seconds = 0.0
         if chunk_size:
@@ -158,6 +161,8 @@ class ChunkCache:
                 if self._recycle:
                     with self._lock:
                         self.table.served(ch, b - a)
+                        if ch.consumed:
+                            self._fed_locked(ch.key)
             finally:
                 self._unpin(ch)
             pos = s + b
@@ -216,6 +221,8 @@ class ChunkCache:
                     for ch, v in zip(chunks, views):
                         if self._recycle:
                             self.table.served(ch, len(v))
+                            if ch.consumed:
+                                self._fed_locked(ch.key)
                         if rest is not None and result and not sequential and not ch.stored \
                                 and len(v) < ch.size:
                             self._queue_fill_locked(source, source_key, ch, rest)
@@ -237,6 +244,7 @@ class ChunkCache:
         """
         with self._lock:
             self.readahead.clear_locked()
+            self._fed.clear()
             for ch in self.table.clear():
                 self._drop_locked(ch)
             self.pool.zero_free_locked()
@@ -259,6 +267,8 @@ class ChunkCache:
         """Zero and drop all idle chunks of one source (e.g. file replaced)."""
         with self._lock:
             self.readahead.drop_source_locked(source_key)
+            for k in [k for k in self._fed if k[0] == source_key]:
+                del self._fed[k]
             for ch in self.table.of_source(source_key):
                 self._drop_locked(ch)
 
@@ -542,6 +552,9 @@ class ChunkCache:
             try:
                 self._hand_rest(source, pinned, rest)
             finally:
+                with self._lock:
+                    if self._recycle and gen == self.readahead.generation:
+                        self._fed_locked(pinned[0].key)
                 for o in pinned:
                     self._unpin(o)
 
@@ -610,17 +623,33 @@ class ChunkCache:
 
     # ------------------------------------------------------------ readahead
 
+    #: segments remembered as handed whole to the page cache (``_fed``), at most
+    max_fed = 1 << 16
+
+    def _fed_locked(self, key: tuple) -> None:
+        fed = self._fed
+        fed[key] = None
+        fed.move_to_end(key)
+        if len(fed) > self.max_fed:
+            fed.popitem(last=False)
+
+    def _known(self, key: tuple) -> bool:
+        """(lock held) Segment KEY needs no readahead: cached, being decrypted, or (page-cache
+        mode) handed whole to the kernel's page cache already, where the reader finds it
+        unless the kernel has reclaimed it since (then the reader's request decrypts it)."""
+        return key in self.table.map or key in self._fed
+
     def _note_access(self, source: Any, skey: Hashable, offset: int, end: int, first: int, last: int) -> bool:
         """Readahead's view of a read: whether it continues a sequential stream."""
         with self._lock:
             window = self.readahead.window(round_page(source.max_segment_size), self._capacity)
             return self.readahead.note_access_locked(source, skey, offset, end, first, last, window,
-                                                     self.table.__contains__)
+                                                     self._known)
 
     def _read_ahead_one(self) -> bool:
         """A readahead worker's turn: take the next task and decrypt it; False once closed."""
         with self._lock:
-            task = self.readahead.next_task_locked(self.table.__contains__)
+            task = self.readahead.next_task_locked(self._known)
             if task is None:
                 return False
             key, src = (task.skey, task.index), task.source

@@ -1,12 +1,13 @@
 """Readahead planning: which segments to decrypt before a sequential reader asks for them.
 
-Per source the end of the previous read is remembered; a read starting within ``near``
-bytes of it, or in the segment right after the one it ended in, is sequential and queues
-the next segments (up to the window: ``depth``, bounded by what fits in the cache) for the
-cache's background workers (one by default: best on 2 cores). Any read spanning several
-segments also queues its later ones at the head, to be decrypted beside its first. The
-oldest queued task goes when the queue is full; a task the reader has gone past, or one
-from before a wipe (``generation``), is skipped. Shares the cache's lock: ``*_locked`` methods expect it held.
+Per source the furthest end of a stream of reads is remembered; a read starting near it
+(FUSE workers take the kernel's requests in any order), or in the segment right after the
+one it ended in, continues the stream and queues the next segments (one, then two, up to
+the window: ``depth``, bounded by what fits in the cache) for the cache's background
+workers (one by default: best on 2 cores). Any read spanning several segments also queues
+its later ones at the head, to be decrypted beside its first. The oldest queued task goes
+when the queue is full; a task the reader has gone past, or one from before a wipe
+(``generation``), is skipped. Shares the cache's lock: ``*_locked`` methods expect it held.
 """
 from __future__ import annotations
 
@@ -41,6 +42,16 @@ class Readahead:
     max_queue = 64
     #: number of per-source sequential-detection records kept
     max_streams = 4096
+    #: FUSE workers take the kernel's readahead requests in any order: a read starting up
+    #: to this many segments (or two of its lengths) before the furthest end of the stream
+    #: continues it (a safetensors load through a mapping: requests up to 4 MiB behind, with
+    #: 2 MiB segments)
+    reorder = 2
+    #: reads in a row that make a stream sequential (note_access_locked's answer). A fault
+    #: in a mapping asks for a window around the page (two requests), so one read that
+    #: continues another is not yet a sequential reader: a loader touching the first page of
+    #: each tensor before reading any of them did exactly that.
+    confirm = 2
 
     def __init__(self, depth: int, workers: int, lock: threading.Lock, run_one: Callable[[], bool]):
         self.depth = max(0, int(depth))
@@ -51,7 +62,8 @@ class Readahead:
         self._run_one = run_one
         self.queue: collections.deque[Task] = collections.deque()
         self.queued: set[tuple] = set()
-        self.seq: collections.OrderedDict[Hashable, tuple[int, int]] = collections.OrderedDict()
+        # per source: (end of its last read, last segment of it, sequential reads in a row)
+        self.seq: collections.OrderedDict[Hashable, tuple[int, int, int]] = collections.OrderedDict()
         self.threads: list[threading.Thread] = []
         self.generation = 0
         self.closed = False
@@ -65,23 +77,30 @@ class Readahead:
     def note_access_locked(self, source: Any, skey: Hashable, offset: int, end: int, first: int,
                            last: int, window: int, known: Callable[[tuple], bool]) -> bool:
         """A read of data bytes [offset, end) in segments first..last; queue what comes
-        next if it continues the source's previous read. ``known(key)``: already cached or
-        loading. Returns whether it does (the read is sequential)."""
+        next if it continues the source's previous read (one segment for the first such
+        read, two for the second, up to ``window``). ``known(key)``: already cached or
+        loading, or handed to the page cache. Returns whether the read is sequential: the ``confirm``-th in a row or later."""
         prev = self.seq.get(skey)
-        self.seq[skey] = (end, last)
         if last > first and window > 0:
             self._split_locked(source, skey, first, last, known)
         if prev is None:
+            self.seq[skey] = (end, last, 0)
             if len(self.seq) > self.max_streams:
                 self.seq.popitem(last=False)
             return False
         self.seq.move_to_end(skey)
-        prev_end, prev_last = prev
-        near = min(self.near, source.max_segment_size // 8)
-        if not (abs(offset - prev_end) <= near or first == prev_last + 1):
+        prev_end, prev_last, run = prev
+        size = end - offset
+        near = max(min(self.near, source.max_segment_size // 8), size)
+        back = max(self.reorder * source.max_segment_size, 2 * size)
+        if not (prev_end - back <= offset <= prev_end + near or first == prev_last + 1):
+            self.seq[skey] = (end, last, 0)
             return False
+        run += 1
+        self.seq[skey] = (max(end, prev_end), max(last, prev_last), run)
+        window = min(window, run)  # ramp up: a stream of two reads is often a read-around
         if window <= 0:
-            return True
+            return run >= self.confirm
         nseg = len(source.segment_starts)
         added = False
         for j in range(last + 1, min(last + 1 + window, nseg)):
@@ -96,7 +115,7 @@ class Readahead:
             added = True
         if added:
             self._wake_locked()
-        return True
+        return run >= self.confirm
 
     def _split_locked(self, source: Any, skey: Hashable, first: int, last: int,
                       known: Callable[[tuple], bool]) -> None:
