@@ -746,7 +746,7 @@ def _fill_once(c, src, off, n, rest):
 
     def wrapped(start, views):
         try:
-            rest(start, views)
+            return rest(start, views)
         finally:
             done.set()
     assert c.read_pinned(src, "k", off, n, lambda views: 1, rest=wrapped) == 1
@@ -767,6 +767,23 @@ def test_rest_gets_the_whole_segment_with_a_page_of_each_cached_neighbour():
         assert c.read_pinned(src, "k", 4 * PAGE, 10, lambda views: 1, rest=lambda *a: got.append(a)) == 1
         time.sleep(0.2)
         assert len(got) == 1 and no_pins(c)
+
+
+def test_only_a_segment_that_reached_the_page_cache_is_spared_readahead():
+    # rest's answer says whether the bytes went to the page cache (a store can be skipped:
+    # node id not known yet, mount locked); only then does readahead skip the segment
+    data = rand_bytes(6 * PAGE, seed=11)
+    src = FakeSource(data, PAGE)
+    with ChunkCache(20 * PAGE, readahead=0, recycle_consumed=True) as c:
+        _fill_once(c, src, 10, 100, lambda start, views: False)
+        _fill_once(c, src, 2 * PAGE + 10, 100, lambda start, views: True)
+        deadline = time.monotonic() + 5  # the filler notes it right after rest returns
+        while ("k", 2) not in c._fed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with c._lock:
+            assert not c._known(("k", 4)) and c._known(("k", 0))  # 0: still cached
+            c.table.map.clear()                                   # (as if evicted)
+            assert not c._known(("k", 0)) and c._known(("k", 2))
 
 
 def test_a_fill_that_waits_on_a_read_leaves_that_read_room_within_the_bound():

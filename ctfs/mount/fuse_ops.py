@@ -534,28 +534,28 @@ class CtfsOperations(mfusepy.Operations):
             return True
         return None
 
-    def _fill(self, path: str, size: int, offset: int, views: list) -> None:
+    def _fill(self, path: str, size: int, offset: int, views: list) -> bool:
         """Hand plaintext the reader did not ask for (the rest of a chunk decrypted for a
         random read) to the kernel's page cache of ``path`` (``FUSE_NOTIFY_STORE``), whole
         pages only, so that the reader's next reads there need no request and the chunk is
         not decrypted again. The same bytes a read would return, into the same cache that
         ``keep_cache`` already fills (never with ``direct_io``); under the invalidation
         lock and only while the mount is unlocked, so a lock's invalidation cannot be
-        overtaken by a store."""
+        overtaken by a store. True where the bytes went to the page cache."""
         rep = self.replier
         if rep is None or not rep.enabled:
-            return
+            return False
         nodeid = self._nodeids.get(path)
         if nodeid is None:
             self._resolve_nodeid(path)
-            return
+            return False
         start = -(-offset // _PAGE) * _PAGE
         end = offset + sum(len(v) for v in views)
         if end != size:  # a partial last page is valid only at the end of the file
             end = end // _PAGE * _PAGE
         end = min(end, size)
         if end <= start:
-            return
+            return False
         parts, pos = [], offset
         for v in views:  # the views cut to [start, end)
             a, b = max(start, pos), min(end, pos + len(v))
@@ -564,10 +564,11 @@ class CtfsOperations(mfusepy.Operations):
             pos += len(v)
         with self._inval_lock:
             if getattr(self.tree, "locked", False) or not self.fuse_ptr:
-                return
+                return False
             ok = rep.store(nodeid, start, parts)
         if not ok:  # the kernel forgot the inode: learn its node id again
             self._nodeids.pop(path, None)
+        return bool(ok)
 
     def _resolve_nodeid(self, path: str) -> None:
         """Learn ``path``'s node id in a thread of its own (a stat through the mount may be a

@@ -218,8 +218,8 @@ class MountTree:
         cache (see ``ChunkCache.read_pinned``); None where that does not apply (pass-through
         files, the header, ranges over many chunks): use ``read_into`` then.
         ``rest(path, file_size, offset, views)``: plaintext of the file at ``offset``
-        that the reader did not ask for (``ChunkCache.read_pinned``); never called once
-        the mount is locked."""
+        that the reader did not ask for (``ChunkCache.read_pinned``), true where it went
+        to the page cache; never called once the mount is locked."""
         kind, obj, path = self._readable(fh)
         if kind == "real" or self.cache is None:
             return None
@@ -227,8 +227,7 @@ class MountTree:
         fill = None
         if rest is not None:
             def fill(off, views):
-                if not self.locked:
-                    rest(path, view.size, off, views)
+                return not self.locked and rest(path, view.size, off, views)
         with self._eio_on_integrity_failure():
             return view.read_pinned(offset, n, consume, self.cache, id(view), rest=fill)
 

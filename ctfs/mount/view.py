@@ -47,5 +47,5 @@ class PlainView:
         fill = None
         if rest is not None:
             def fill(data_off, views):
-                rest(self.data_start + data_off, views)
+                return rest(self.data_start + data_off, views)
         return cache.read_pinned(self.file, key, offset - self.data_start, n, consume, rest=fill)

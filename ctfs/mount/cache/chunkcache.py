@@ -160,9 +160,7 @@ class ChunkCache:
                 out[dst:dst + (b - a)] = ch.buf.mv[a:b]  # type: ignore[union-attr]
                 if self._recycle:
                     with self._lock:
-                        self.table.served(ch, b - a)
-                        if ch.consumed:
-                            self._fed_locked(ch.key)
+                        self._served_locked(ch, b - a)
             finally:
                 self._unpin(ch)
             pos = s + b
@@ -188,7 +186,8 @@ class ChunkCache:
         pin: _pin_for_fill_locked) from data offset ``start`` on: the caller may hand
         the bytes the reader did not ask for to the kernel's page cache, so that a random
         reader finds them there instead of having the segment decrypted again. A sequential
-        reader asks for them anyway. Its exceptions are logged, never raised."""
+        reader asks for them anyway. It returns true where the bytes went to the page cache
+        (readahead then skips the segment); its exceptions are logged, never raised."""
         if offset < 0:
             raise ValueError("negative offset")
         if self._closed:
@@ -220,9 +219,7 @@ class ChunkCache:
                 with self._lock:
                     for ch, v in zip(chunks, views):
                         if self._recycle:
-                            self.table.served(ch, len(v))
-                            if ch.consumed:
-                                self._fed_locked(ch.key)
+                            self._served_locked(ch, len(v))
                         if rest is not None and result and not sequential and not ch.stored \
                                 and len(v) < ch.size:
                             self._queue_fill_locked(source, source_key, ch, rest)
@@ -550,11 +547,11 @@ class ChunkCache:
             if not pinned:
                 continue
             try:
-                self._hand_rest(source, pinned, rest)
+                if self._hand_rest(source, pinned, rest) and self._recycle:
+                    with self._lock:
+                        if gen == self.readahead.generation:
+                            self._fed_locked(pinned[0].key)
             finally:
-                with self._lock:
-                    if self._recycle and gen == self.readahead.generation:
-                        self._fed_locked(pinned[0].key)
                 for o in pinned:
                     self._unpin(o)
 
@@ -581,9 +578,10 @@ class ChunkCache:
             out.append(ch)
         return out
 
-    def _hand_rest(self, source: Any, pinned: list[Chunk], rest: Any) -> None:
+    def _hand_rest(self, source: Any, pinned: list[Chunk], rest: Any) -> bool:
         """``rest(start, views)`` for the pinned chunks from _pin_for_fill_locked: the bytes
-        of the first, with up to ``rest_margin`` bytes of each neighbour before and after."""
+        of the first, with up to ``rest_margin`` bytes of each neighbour before and after.
+        Returns what ``rest`` did (true: the segment is in the page cache now)."""
         ch, nb = pinned[0], pinned[1:]
         views: list[memoryview] = []
         try:
@@ -597,9 +595,10 @@ class ChunkCache:
             for o in nb:
                 if o.index > ch.index:
                     views.append(o.buf.mv[:min(self.rest_margin, o.size)])  # type: ignore[union-attr]
-            rest(start, views)
+            return bool(rest(start, views))
         except Exception:  # noqa: BLE001 - an optimisation: never fail the read
             log.exception("handing segment %r to the page cache failed", ch.key)
+            return False
         finally:
             for v in views:
                 v.release()
@@ -625,6 +624,12 @@ class ChunkCache:
 
     #: segments remembered as handed whole to the page cache (``_fed``), at most
     max_fed = 1 << 16
+
+    def _served_locked(self, ch: Chunk, n: int) -> None:
+        """(recycle_consumed) N more bytes of CH went to the page cache in a reply."""
+        self.table.served(ch, n)
+        if ch.consumed:
+            self._fed_locked(ch.key)
 
     def _fed_locked(self, key: tuple) -> None:
         fed = self._fed

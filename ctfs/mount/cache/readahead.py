@@ -62,7 +62,7 @@ class Readahead:
         self._run_one = run_one
         self.queue: collections.deque[Task] = collections.deque()
         self.queued: set[tuple] = set()
-        # per source: (end of its last read, last segment of it, sequential reads in a row)
+        # per source: (furthest end of its stream, last segment of it, sequential reads in a row)
         self.seq: collections.OrderedDict[Hashable, tuple[int, int, int]] = collections.OrderedDict()
         self.threads: list[threading.Thread] = []
         self.generation = 0
@@ -79,7 +79,8 @@ class Readahead:
         """A read of data bytes [offset, end) in segments first..last; queue what comes
         next if it continues the source's previous read (one segment for the first such
         read, two for the second, up to ``window``). ``known(key)``: already cached or
-        loading, or handed to the page cache. Returns whether the read is sequential: the ``confirm``-th in a row or later."""
+        loading, or handed to the page cache. Returns whether the read is sequential: the
+        ``confirm``-th in a row or later."""
         prev = self.seq.get(skey)
         if last > first and window > 0:
             self._split_locked(source, skey, first, last, known)
